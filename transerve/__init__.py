@@ -1,0 +1,3 @@
+"""transerve: an OpenAI-compatible inference server for Hugging Face transformers models."""
+
+__version__ = "0.1.0"

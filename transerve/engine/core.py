@@ -1,0 +1,102 @@
+"""The engine core: requests in, steps out, results applied. Synchronous; the actors wrap it.
+
+`generate()` at the bottom drives it with a model runner in a plain loop, for tests and the offline
+benchmark; the server drives the same two calls from the scheduler and executor actors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transerve.config import SchedulerConfig
+from transerve.engine.block_manager import BlockManager
+from transerve.engine.model_runner import SequenceInput
+from transerve.engine.request import Request, RequestStatus
+from transerve.engine.scheduler import Scheduler, Step
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    request_id: str
+    token_id: int | None  # None when the request finished without a new token (aborted, failed)
+    status: RequestStatus
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+class EngineCore:
+    def __init__(self, config: SchedulerConfig, num_kv_blocks: int, block_size: int, max_model_len: int,
+                 enable_prefix_caching: bool = True) -> None:
+        self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager, max_model_len)
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> TokenOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        return self._output(request, None)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def can_ever_fit(self, request: Request) -> bool:
+        return self.block_manager.blocks_needed(request.num_tokens + 1) <= self.block_manager.num_blocks
+
+    def schedule(self) -> tuple[Step, tuple[SequenceInput, ...]]:
+        step = self.scheduler.schedule()
+        inputs = []
+        for item in step.scheduled:
+            request = item.request
+            start = request.num_computed_tokens
+            params = request.sampling_params
+            inputs.append(SequenceInput(
+                request_id=request.request_id,
+                token_ids=tuple(request.token_ids(start, start + item.num_new_tokens)),
+                start_position=start,
+                block_ids=tuple(request.block_ids),
+                sample=item.samples,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                min_p=params.min_p,
+                seed=request.seed,
+                output_index=request.num_output_tokens,
+            ))
+        return step, tuple(inputs)
+
+    def apply(self, step: Step, sampled: dict[str, int]) -> list[TokenOutput]:
+        """Apply a step's sampled tokens; one output per new token, finished requests removed."""
+        outputs = []
+        for request in self.scheduler.update(step, sampled):
+            outputs.append(self._output(request, request.output_token_ids[-1]))
+            if request.status.is_finished:
+                del self.requests[request.request_id]
+        return outputs
+
+    def fail(self, step: Step) -> list[TokenOutput]:
+        """The step could not run: finish every request in it."""
+        return [out for item in step.scheduled if (out := self.abort(item.request.request_id)) is not None]
+
+    def _output(self, request: Request, token_id: int | None) -> TokenOutput:
+        return TokenOutput(request.request_id, token_id, request.status, request.num_prompt_tokens, request.num_cached_tokens)
+
+
+def generate(core: EngineCore, runner, requests: list[Request]) -> dict[str, list[int]]:
+    """Run requests to completion in one process, without actors; returns output ids by request."""
+    outputs: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    for request in requests:
+        core.add_request(request)
+    while core.has_work():
+        step, inputs = core.schedule()
+        if not inputs:
+            raise RuntimeError("no request fits in the KV cache")
+        for out in core.apply(step, runner.execute(inputs)):
+            outputs[out.request_id].append(out.token_id)
+    return outputs

@@ -1,0 +1,29 @@
+"""Kernel dispatch: Triton on CUDA (or everywhere with TRITON_INTERPRET=1), torch references elsewhere."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from transerve.kernels.reference import paged_attention_ref, sample_ref, write_kv_ref
+
+
+def use_triton(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernels_for(device: torch.device):
+    """(write_kv, paged_attention, sample) for `device`."""
+    if use_triton(device):
+        try:
+            from transerve.kernels.kv_cache import write_kv
+            from transerve.kernels.paged_attention import paged_attention
+            from transerve.kernels.sampling import sample
+        except ImportError:  # no Triton kernels on this install: the references are exact, only slower
+            return write_kv_ref, paged_attention_ref, sample_ref
+        return write_kv, paged_attention, sample
+    return write_kv_ref, paged_attention_ref, sample_ref
+
+
+__all__ = ["kernels_for", "use_triton", "paged_attention_ref", "sample_ref", "write_kv_ref"]
