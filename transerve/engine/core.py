@@ -6,6 +6,7 @@ benchmark; the server drives the same two calls from the scheduler and executor 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from transerve.config import SchedulerConfig
@@ -32,9 +33,20 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request) -> bool:
+        """Queue a request; False if even alone it could not fit in the KV cache.
+
+        max_tokens is capped at what the cache can hold, so a request running alone never needs to
+        preempt itself."""
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        room = min(capacity, self.max_model_len) - request.num_prompt_tokens
+        if room < 1:
+            return False
+        if request.sampling_params.max_tokens > room:
+            request.sampling_params = dataclasses.replace(request.sampling_params, max_tokens=room)
         self.requests[request.request_id] = request
         self.scheduler.add(request)
+        return True
 
     def abort(self, request_id: str) -> TokenOutput | None:
         request = self.requests.pop(request_id, None)
@@ -45,9 +57,6 @@ class EngineCore:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
-
-    def can_ever_fit(self, request: Request) -> bool:
-        return self.block_manager.blocks_needed(request.num_tokens + 1) <= self.block_manager.num_blocks
 
     def schedule(self) -> tuple[Step, tuple[SequenceInput, ...]]:
         step = self.scheduler.schedule()
@@ -92,7 +101,8 @@ def generate(core: EngineCore, runner, requests: list[Request]) -> dict[str, lis
     """Run requests to completion in one process, without actors; returns output ids by request."""
     outputs: dict[str, list[int]] = {r.request_id: [] for r in requests}
     for request in requests:
-        core.add_request(request)
+        if not core.add_request(request):
+            raise ValueError(f"request {request.request_id} does not fit in the KV cache")
     while core.has_work():
         step, inputs = core.schedule()
         if not inputs:

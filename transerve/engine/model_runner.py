@@ -183,3 +183,37 @@ def kv_bytes_per_block(model, block_size: int) -> int:
     num_kv_heads, head_dim = kv_shape(text_config)
     element_size = next(model.parameters()).element_size()
     return 2 * text_config.num_hidden_layers * block_size * num_kv_heads * head_dim * element_size
+
+
+def choose_num_kv_blocks(model, config: EngineConfig, max_model_len: int) -> int:
+    """--num-kv-blocks if given; else a fraction of free device memory (on CPU, of available RAM,
+    capped so an idle server does not reserve the machine), never more than max_num_seqs full contexts."""
+    if config.cache.num_kv_blocks is not None:
+        return config.cache.num_kv_blocks
+    per_block = kv_bytes_per_block(model, config.cache.block_size)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        # Leave (1 - fraction) of the card, plus room for activations, for everything else.
+        budget = free - (1.0 - config.cache.memory_fraction) * total - 2 * 1024**3
+    else:
+        budget = min(_available_ram() * config.cache.memory_fraction * 0.5, CPU_KV_CACHE_CAP_BYTES)
+    most_useful = config.scheduler.max_num_seqs * -(-max_model_len // config.cache.block_size)
+    num_blocks = min(int(budget // per_block), most_useful)
+    if num_blocks < 1:
+        raise RuntimeError("no memory left for the KV cache: lower --max-model-len or free device memory")
+    return num_blocks
+
+
+CPU_KV_CACHE_CAP_BYTES = 4 * 1024**3
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 1024**3

@@ -124,7 +124,12 @@ def materialize(model: ResolvedModel, trust_remote_code: bool = False) -> str:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     kwargs = dict(gguf_file=model.gguf_file, trust_remote_code=trust_remote_code)
     AutoTokenizer.from_pretrained(model.path, **kwargs).save_pretrained(tmp)
-    AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32, **kwargs).save_pretrained(tmp)
+    dequantized = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32, **kwargs)
+    # The weights are plain tensors now; dropping the GGUF marker lets transformers save them.
+    dequantized.hf_quantizer = None
+    if hasattr(dequantized.config, "quantization_config"):
+        del dequantized.config.quantization_config
+    dequantized.save_pretrained(tmp)
     (tmp / "transerve.json").write_text(json.dumps({"source": str(Path(model.path) / model.gguf_file)}))
     try:
         tmp.rename(target)

@@ -12,6 +12,8 @@ Shapes used throughout:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -47,6 +49,7 @@ def paged_attention_ref(
     query_start_loc: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]: written in place when given
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each sequence's new queries over its cached context (new tokens included).
 
@@ -55,7 +58,8 @@ def paged_attention_ref(
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     block_size = k_cache.shape[1]
-    out = torch.empty_like(query)
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
     if decodes:
         idx = torch.tensor(decodes, device=query.device)
@@ -105,6 +109,10 @@ def _attend_padded(
     keys = _gather_context(k_cache, block_tables).to(query.dtype)
     values = _gather_context(v_cache, block_tables).to(query.dtype)
     ctx_len = keys.shape[1]
+    # Slots past a sequence's end hold whatever the cache had (NaN in the tests): zero them, since a
+    # probability of 0 times NaN is still NaN. Masked keys need nothing: their scores become -inf.
+    beyond = torch.arange(ctx_len, device=device)[None, :] >= seq_lens[:, None]
+    values = values.masked_fill(beyond[:, :, None, None], 0.0)
 
     # [num_seqs, num_kv_heads, group * max_q, head_dim] x [num_seqs, num_kv_heads, head_dim, ctx_len]
     q = q.view(num_seqs, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
@@ -141,6 +149,48 @@ def uniform_noise_ref(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int)
     return ((x >> 8).float() + 0.5) * (1.0 / 16777216.0)
 
 
+class SampleOutput(NamedTuple):
+    """What `sample(..., num_logprobs=N)` returns; without `num_logprobs` it returns `token_ids` alone.
+
+    Logprobs are of the raw model distribution (log_softmax of the logits before penalties and
+    temperature), as vLLM reports them by default."""
+
+    token_ids: torch.Tensor  # [num_seqs] int64
+    logprobs: torch.Tensor  # [num_seqs] float32: the chosen token's
+    top_token_ids: torch.Tensor  # [num_seqs, N] int64, most likely first (ties: torch.topk's order)
+    top_logprobs: torch.Tensor  # [num_seqs, N] float32
+
+
+def apply_penalties_ref(
+    logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+    repetition_penalty: torch.Tensor | None,  # [num_seqs] float32; 1 means off
+    presence_penalty: torch.Tensor | None,  # [num_seqs] float32; 0 means off
+    frequency_penalty: torch.Tensor | None,  # [num_seqs] float32; 0 means off
+    prompt_token_ids: torch.Tensor | None,  # [num_seqs, max_prompt_len] int, padded with -1
+    output_token_ids: torch.Tensor | None,  # [num_seqs, max_output_len] int, padded with -1
+) -> torch.Tensor:
+    """vLLM's penalties, in its order: repetition over prompt and output tokens (divide positive logits,
+    multiply negative ones), then frequency (times the output count), then presence (output only)."""
+    num_seqs, vocab_size = logits.shape
+    counts = torch.zeros(num_seqs, vocab_size + 1, dtype=torch.int32, device=logits.device)
+    if output_token_ids is not None:
+        ids = output_token_ids.long().masked_fill(output_token_ids < 0, vocab_size)  # padding -> spare column
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))
+    seen = counts > 0
+    if prompt_token_ids is not None:
+        ids = prompt_token_ids.long().masked_fill(prompt_token_ids < 0, vocab_size)
+        seen.scatter_(1, ids, True)
+    counts, seen = counts[:, :vocab_size], seen[:, :vocab_size]
+    if repetition_penalty is not None:
+        rep = repetition_penalty[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    if frequency_penalty is not None:
+        logits = logits - frequency_penalty[:, None] * counts.float()
+    if presence_penalty is not None:
+        logits = logits - presence_penalty[:, None] * (counts > 0).float()
+    return logits
+
+
 def sample_ref(
     logits: torch.Tensor,  # [num_seqs, vocab_size] float32
     temperature: torch.Tensor,  # [num_seqs] float32; 0 means greedy
@@ -149,24 +199,51 @@ def sample_ref(
     min_p: torch.Tensor,  # [num_seqs] float32; 0 means off
     seeds: torch.Tensor,  # [num_seqs] int64
     steps: torch.Tensor,  # [num_seqs] int64: the index of the token being sampled
-) -> torch.Tensor:  # [num_seqs] int64
+    *,
+    repetition_penalty: torch.Tensor | None = None,  # [num_seqs] float32; 1 means off
+    presence_penalty: torch.Tensor | None = None,  # [num_seqs] float32; 0 means off
+    frequency_penalty: torch.Tensor | None = None,  # [num_seqs] float32; 0 means off
+    prompt_token_ids: torch.Tensor | None = None,  # [num_seqs, max_prompt_len] int, -1 padded
+    output_token_ids: torch.Tensor | None = None,  # [num_seqs, max_output_len] int, -1 padded
+    num_logprobs: int | None = None,  # N: also return logprobs and the top N (N may be 0)
+) -> torch.Tensor | SampleOutput:  # [num_seqs] int64 token ids, or SampleOutput when num_logprobs is set
     """Greedy where temperature is 0, otherwise an exponential race (Gumbel-max) over the filtered
-    distribution, which draws exactly from softmax(logits / T) restricted to the kept tokens."""
+    distribution, which draws exactly from softmax(logits / T) restricted to the kept tokens.
+
+    Filters are probability thresholds, so tokens tied at a boundary are kept together: top-k keeps
+    tokens at least as likely as the k-th; top-p keeps tokens whose strictly-more-likely mass is under
+    top_p (the top token always survives); min-p keeps tokens at least min_p times the top one."""
+    raw = logits
+    if repetition_penalty is not None or presence_penalty is not None or frequency_penalty is not None:
+        logits = apply_penalties_ref(
+            logits.float(), repetition_penalty, presence_penalty, frequency_penalty, prompt_token_ids, output_token_ids
+        )
+    token_ids = _choose(logits, temperature, top_k, top_p, min_p, seeds, steps)
+    if num_logprobs is None:
+        return token_ids
+    logprobs = torch.log_softmax(raw.float(), dim=-1)
+    top_ids = raw.topk(num_logprobs, dim=-1).indices
+    return SampleOutput(token_ids, logprobs.gather(1, token_ids[:, None])[:, 0], top_ids, logprobs.gather(1, top_ids))
+
+
+def _choose(logits, temperature, top_k, top_p, min_p, seeds, steps) -> torch.Tensor:
     greedy = logits.argmax(dim=-1)
     if bool((temperature <= 0).all()):
         return greedy
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     scaled = logits.float() / t[:, None]
     probs = torch.softmax(scaled, dim=-1)
-    keep = torch.ones_like(probs, dtype=torch.bool)
+    threshold = torch.zeros_like(probs[:, 0])
     if bool((min_p > 0).any()):
-        keep &= probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        threshold = torch.maximum(threshold, min_p * probs.max(dim=-1).values)
     if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
-        keep_sorted = (top_k[:, None] <= 0) | (rank < top_k[:, None])
-        # Keep a token while the mass before it is under top_p: the top token always survives.
-        keep_sorted &= (sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p[:, None]
-        keep &= torch.zeros_like(keep).scatter_(-1, order, keep_sorted)
-    race = probs.masked_fill(~keep, 0.0) / -torch.log(uniform_noise_ref(seeds, steps, probs.shape[-1]))
+        sorted_probs = probs.sort(dim=-1, descending=True).values
+        vocab_size = probs.shape[-1]
+        kth = sorted_probs.gather(1, (top_k.long().clamp(1, vocab_size) - 1)[:, None])[:, 0]
+        threshold = torch.where(top_k > 0, torch.maximum(threshold, kth), threshold)
+        # The last token whose preceding mass is under top_p: the top token always qualifies.
+        kept = ((sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p[:, None]).sum(dim=-1).clamp(min=1)
+        pth = sorted_probs.gather(1, (kept - 1)[:, None])[:, 0]
+        threshold = torch.where(top_p < 1, torch.maximum(threshold, pth), threshold)
+    race = probs.masked_fill(probs < threshold[:, None], 0.0) / -torch.log(uniform_noise_ref(seeds, steps, probs.shape[-1]))
     return torch.where(temperature > 0, race.argmax(dim=-1), greedy)

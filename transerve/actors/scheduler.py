@@ -1,0 +1,98 @@
+"""Scheduler actor: owns the engine loop. Admit, schedule a step, run it on the executor, apply it."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from transerve.actors.messages import (
+    Abort, ExecuteStep, NewToken, RequestFailed, StepOutput, StepResult, TokenizedRequest,
+)
+from transerve.engine.core import EngineCore, TokenOutput
+from transerve.engine.request import Request
+
+log = logging.getLogger(__name__)
+
+
+def _new_token(out: TokenOutput) -> NewToken:
+    reason = out.status.value if out.status.is_finished else None
+    return NewToken(out.request_id, out.token_id, reason, out.num_prompt_tokens, out.num_cached_tokens)
+
+
+class SchedulerActor:
+    def __init__(
+        self,
+        core: EngineCore,
+        eos_token_ids: frozenset[int],
+        inbox: ObjectReceiveStream[TokenizedRequest | Abort],
+        to_executor: ObjectSendStream[ExecuteStep],
+        from_executor: ObjectReceiveStream[StepResult],
+        to_detokenizer: ObjectSendStream[StepOutput | RequestFailed],
+    ) -> None:
+        self.core = core
+        self.eos_token_ids = eos_token_ids
+        self.inbox = inbox
+        self.to_executor = to_executor
+        self.from_executor = from_executor
+        self.to_detokenizer = to_detokenizer
+        self.closing = False
+
+    async def run(self) -> None:
+        async with self.inbox, self.to_executor, self.from_executor, self.to_detokenizer:
+            while not (self.closing and not self.core.has_work()):
+                if not self.core.has_work():
+                    try:
+                        await self.handle(await self.inbox.receive())
+                    except anyio.EndOfStream:
+                        return
+                await self.drain_inbox()
+                if self.core.has_work():
+                    await self.run_step()
+
+    async def drain_inbox(self) -> None:
+        while not self.closing:
+            try:
+                message = self.inbox.receive_nowait()
+            except anyio.WouldBlock:
+                return
+            except anyio.EndOfStream:
+                self.closing = True  # finish what was accepted, then stop
+                return
+            await self.handle(message)
+
+    async def handle(self, message: TokenizedRequest | Abort) -> None:
+        if isinstance(message, Abort):
+            out = self.core.abort(message.request_id)
+            if out is not None:
+                await self.to_detokenizer.send(StepOutput((_new_token(out),)))
+            return
+        params = message.sampling_params
+        request = Request(
+            request_id=message.request_id,
+            prompt_token_ids=list(message.prompt_token_ids),
+            sampling_params=params,
+            seed=params.seed if params.seed is not None else random.getrandbits(62),
+            eos_token_ids=self.eos_token_ids,
+        )
+        if not self.core.add_request(request):
+            await self.to_detokenizer.send(RequestFailed(
+                request.request_id, "the prompt needs more KV cache than this server has; raise --num-kv-blocks", 400, "messages"
+            ))
+
+    async def run_step(self) -> None:
+        step, inputs = self.core.schedule()
+        if not inputs:
+            return  # nothing fits now; running requests will free blocks
+        await self.to_executor.send(ExecuteStep(inputs))
+        result = await self.from_executor.receive()
+        if result.error is not None:
+            outputs = self.core.fail(step)
+            for out in outputs:
+                await self.to_detokenizer.send(RequestFailed(out.request_id, f"model step failed: {result.error}", 500))
+            return
+        outputs = self.core.apply(step, dict(result.sampled))
+        if outputs:
+            await self.to_detokenizer.send(StepOutput(tuple(_new_token(out) for out in outputs)))

@@ -1,0 +1,63 @@
+"""The `transerve` command: serve, download, chat."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from transerve.engine.models import DEFAULT_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transerve", description="An OpenAI-compatible server for Hugging Face transformers models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    serve.add_argument("model", nargs="?", default=None,
+                       help=f"repo id[@revision], local directory, file.gguf or repo:file.gguf (default: {DEFAULT_MODEL})")
+    serve.add_argument("--force-model", default=None, help="the same as MODEL: serve this model for every request")
+    serve.add_argument("--host", default="localhost", help="address to bind (default: localhost)")
+    serve.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                       help="weights and KV cache dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch (default: 64)")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                       help="token budget of one step; longer prompts are prefilled in chunks (default: 1024)")
+    serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default: 16)")
+    serve.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")
+    serve.add_argument("--gpu-memory-utilization", "--memory-fraction", dest="memory_fraction", type=float, default=0.9,
+                       help="fraction of device memory for model and KV cache when --num-kv-blocks is not set (default: 0.9)")
+    serve.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of shared prompt prefixes")
+    serve.add_argument("--trust-remote-code", action="store_true", help="allow models that run their own code")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
+
+    download = sub.add_parser("download", help="download a model into the Hugging Face cache")
+    download.add_argument("repo_id", help="owner/name[@revision], or owner/name:file.gguf")
+
+    chat = sub.add_parser("chat", help="chat in the terminal with any OpenAI-compatible server")
+    chat.add_argument("url", nargs="?", default="http://localhost:8000/v1")
+    chat.add_argument("--model", default=None, help="model to ask for (default: the server's first)")
+    chat.add_argument("--system", default=None, help="a system prompt")
+    chat.add_argument("--api-key", default="none")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from transerve.cli.serve import run_serve
+
+        return run_serve(args)
+    if args.command == "download":
+        from transerve.cli.download import run_download
+
+        return run_download(args.repo_id)
+    from transerve.cli.chat import run_chat
+
+    return run_chat(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""`transerve serve`: the actors and the Quart app on hypercorn, in one task group."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+
+import anyio
+
+from transerve.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
+from transerve.engine.models import DEFAULT_MODEL, ModelNotFoundError
+
+log = logging.getLogger("transerve")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    if args.model and args.force_model and args.model != args.force_model:
+        raise ValueError(f"MODEL ({args.model}) and --force-model ({args.force_model}) disagree; give one")
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        model=args.force_model or args.model or DEFAULT_MODEL,
+        log_level=args.log_level,
+        engine=EngineConfig(
+            device=args.device,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+            cache=CacheConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+                              memory_fraction=args.memory_fraction, enable_prefix_caching=not args.no_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                      max_model_len=args.max_model_len),
+        ),
+    )
+
+
+async def serve(config: ServerConfig, ready: anyio.Event | None = None) -> None:
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config as HypercornConfig
+
+    from transerve.actors.runtime import Models
+    from transerve.http.app import create_app
+
+    stop = anyio.Event()
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(_stop_on_signals, stop)
+        models = Models(config.engine, task_group, config.mailbox_size, forced=config.model, allow_download=True)
+        if config.model:
+            await models.get(config.model)
+        hypercorn_config = HypercornConfig()
+        hypercorn_config.bind = [f"{config.host}:{config.port}"]
+        hypercorn_config.accesslog = logging.getLogger("transerve.access") if config.log_level == "debug" else None
+        hypercorn_config.graceful_timeout = 5.0
+        log.info("serving %s on http://%s:%d/v1", config.model or "models on demand", config.host, config.port)
+        if ready is not None:
+            ready.set()
+        await hypercorn_serve(create_app(models), hypercorn_config, shutdown_trigger=stop.wait)
+        task_group.cancel_scope.cancel()
+
+
+async def _stop_on_signals(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        anyio.run(serve, config)
+    except (ValueError, ModelNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0

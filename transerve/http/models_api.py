@@ -1,0 +1,37 @@
+"""GET /v1/models, /v1/models/{id} and /health."""
+
+from __future__ import annotations
+
+from quart import Blueprint, current_app, jsonify
+
+from transerve.engine import models
+from transerve.http.errors import OpenAIError
+
+bp = Blueprint("models", __name__)
+
+
+def _model_list() -> list[dict]:
+    registry = current_app.config["MODELS"]
+    entries = {e["id"]: {**e, "object": "model", "loaded": False} for e in models.scan_cache()}
+    for name, engine in registry.engines.items():
+        entries[name] = {**entries.get(name, {"id": name, "owned_by": "transerve"}), "object": "model",
+                         "created": entries.get(name, {}).get("created", engine.created), "loaded": True}
+    return list(entries.values())
+
+
+@bp.get("/v1/models")
+async def list_models():
+    return jsonify({"object": "list", "data": _model_list()})
+
+
+@bp.get("/v1/models/<path:model_id>")
+async def get_model(model_id: str):
+    for entry in _model_list():
+        if entry["id"] == model_id:
+            return jsonify(entry)
+    raise OpenAIError(f"the model '{model_id}' does not exist", 404, "model", "model_not_found")
+
+
+@bp.get("/health")
+async def health():
+    return jsonify({"status": "ok"})
