@@ -58,6 +58,7 @@ class ServerConfig:
     host: str = "localhost"
     port: int = 8000
     model: str | None = None  # served for every request when set (--force-model)
+    preload: tuple[str, ...] = ()  # loaded at start when no model is forced
     log_level: str = "info"
     mailbox_size: int = 1024  # bound of every actor mailbox
     engine: EngineConfig = field(default_factory=EngineConfig)

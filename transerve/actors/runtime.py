@@ -79,6 +79,9 @@ class EngineClient:
         self.loaded = loaded
         self._tokenizer_inbox = tokenizer_inbox
 
+    async def aclose(self) -> None:
+        await self._tokenizer_inbox.aclose()
+
     async def generate(
         self,
         sampling_params: SamplingParams,
@@ -138,6 +141,11 @@ class Models:
     allow_download: bool = False
     engines: dict[str, EngineClient] = field(default_factory=dict)
     _locks: dict[str, anyio.Lock] = field(default_factory=dict)
+
+    async def aclose(self) -> None:
+        """Stop taking requests; each engine's actors finish what they hold and return."""
+        for engine in self.engines.values():
+            await engine.aclose()
 
     async def get(self, name: str | None) -> EngineClient:
         """The engine serving `name`; raises models.ModelNotFoundError."""

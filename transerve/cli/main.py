@@ -14,8 +14,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
     serve.add_argument("model", nargs="?", default=None,
-                       help=f"repo id[@revision], local directory, file.gguf or repo:file.gguf (default: {DEFAULT_MODEL})")
-    serve.add_argument("--force-model", default=None, help="the same as MODEL: serve this model for every request")
+                       help="serve this model for every request: repo id[@revision], local directory, file.gguf or "
+                            "repo:file.gguf. Without it, each request's `model` is loaded from the HF cache on first use")
+    serve.add_argument("--force-model", default=None, help="the same as MODEL")
+    serve.add_argument("--no-preload", action="store_true",
+                       help=f"without MODEL, do not load {DEFAULT_MODEL} at start (it still loads on first use)")
     serve.add_argument("--host", default="localhost", help="address to bind (default: localhost)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")

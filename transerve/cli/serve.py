@@ -9,7 +9,7 @@ import signal
 import anyio
 
 from transerve.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
-from transerve.engine.models import DEFAULT_MODEL, ModelNotFoundError
+from transerve.engine.models import DEFAULT_MODEL, ModelNotFoundError, bundled_gguf_path
 
 log = logging.getLogger("transerve")
 
@@ -20,7 +20,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host,
         port=args.port,
-        model=args.force_model or args.model or DEFAULT_MODEL,
+        model=args.force_model or args.model,
+        preload=() if args.force_model or args.model or args.no_preload or bundled_gguf_path() is None else (DEFAULT_MODEL,),
         log_level=args.log_level,
         engine=EngineConfig(
             device=args.device,
@@ -45,8 +46,9 @@ async def serve(config: ServerConfig, ready: anyio.Event | None = None) -> None:
     async with anyio.create_task_group() as task_group:
         task_group.start_soon(_stop_on_signals, stop)
         models = Models(config.engine, task_group, config.mailbox_size, forced=config.model, allow_download=True)
-        if config.model:
-            await models.get(config.model)
+        for spec in (config.model, *config.preload):
+            if spec:
+                await models.get(spec)
         hypercorn_config = HypercornConfig()
         hypercorn_config.bind = [f"{config.host}:{config.port}"]
         hypercorn_config.accesslog = logging.getLogger("transerve.access") if config.log_level == "debug" else None
@@ -55,15 +57,27 @@ async def serve(config: ServerConfig, ready: anyio.Event | None = None) -> None:
         if ready is not None:
             ready.set()
         await hypercorn_serve(create_app(models), hypercorn_config, shutdown_trigger=stop.wait)
-        task_group.cancel_scope.cancel()
+        # HTTP is drained; closing the engines' mailboxes lets every actor finish and return.
+        stop.set()
+        await models.aclose()
+        task_group.cancel_scope.deadline = anyio.current_time() + ACTOR_SHUTDOWN_TIMEOUT_S
+
+
+ACTOR_SHUTDOWN_TIMEOUT_S = 10.0
 
 
 async def _stop_on_signals(stop: anyio.Event) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s, shutting down", signal.Signals(signum).name)
-            stop.set()
-            return
+    async with anyio.create_task_group() as task_group:
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    stop.set()
+                    return
+
+        task_group.start_soon(watch)
+        await stop.wait()
+        task_group.cancel_scope.cancel()
 
 
 def run_serve(args: argparse.Namespace) -> int:
