@@ -1,0 +1,29 @@
+"""The real SmolLM2-135M-Instruct, served as `transerve serve` does by default, answers correctly."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from conftest import LiveServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir):  # smollm2_dir: the GGUF is converted once, before the server starts
+    srv = LiveServer()
+    yield srv
+    assert srv.stop() == 0, srv.output()
+
+
+def test_default_model_is_listed_and_answers_paris(server):
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    assert "SmolLM2-135M-Instruct" in [m.id for m in client.models.list().data]
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=question, max_tokens=30, temperature=0)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=question, max_tokens=30,
+                                              temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply.choices[0].message.content
