@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from transerve.kernels.reference import paged_attention_ref, sample_ref, write_kv_ref
+from transerve.kernels.reference import SampleOutput, paged_attention_ref, sample_ref, write_kv_ref
 
 
 def use_triton(device: torch.device) -> bool:
@@ -26,4 +26,4 @@ def kernels_for(device: torch.device):
     return write_kv_ref, paged_attention_ref, sample_ref
 
 
-__all__ = ["kernels_for", "use_triton", "paged_attention_ref", "sample_ref", "write_kv_ref"]
+__all__ = ["SampleOutput", "kernels_for", "use_triton", "paged_attention_ref", "sample_ref", "write_kv_ref"]

@@ -69,8 +69,8 @@ def _paged_attention_kernel(
     else:
         # Sequence i owns query blocks [start(i), start(i + 1)), start(i) = qsl[i] // BLOCK_Q + i:
         # the "+ i" leaves room for each sequence's partial last block. Binary search for the owner.
-        lo = 0
-        hi = num_seqs
+        lo = tl.full([], 0, tl.int32)
+        hi = tl.full([], 0, tl.int32) + num_seqs
         while lo < hi:
             mid = (lo + hi) // 2
             start = tl.load(query_start_loc_ptr + mid)

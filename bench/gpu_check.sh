@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One GPU check, about 8 minutes at most: the kernel tests at real shapes, the kernel benchmark, and
+# offline throughput for our engine (512 requests, and a single request) and for transformers'
+# generate_batch; then one summary table. Needs torch, triton and transformers installed, nothing else
+# (no network, no pip install): run it from the repository root.
+#
+#   bash bench/gpu_check.sh            # logs and JSON under $OUT, or ./gpu_check_out
+#   OFFLINE_ARGS="--tiny --num-requests 4 --output-len 8" bash bench/gpu_check.sh   # CPU dry run
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+unset TRITON_INTERPRET
+OUT_DIR="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT_DIR"
+: > "$OUT_DIR/offline.jsonl"
+START=$(date +%s)
+
+step() {  # step NAME SECONDS CMD...: run with a hard time limit, log to $OUT_DIR/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    local t0=$(date +%s)
+    echo "=== $name (limit ${limit}s): $*"
+    timeout -k 10 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+    local rc=$?
+    echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$OUT_DIR/steps.txt"
+    tail -n 25 "$OUT_DIR/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT_DIR/gpu.txt"
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT_DIR/gpu.txt"
+
+if python -c "import pytest" 2>/dev/null; then
+    TRANSERVE_KERNEL_TESTS=gpu step kernel_tests 150 python -m pytest -q -p no:cacheprovider \
+        tests/test_kernels.py tests/test_kernel_sampling.py tests/test_kernel_e2e.py tests/test_kernel_cuda_graphs.py
+else
+    echo "kernel_tests skipped: pytest is not installed" | tee -a "$OUT_DIR/steps.txt"
+fi
+step kernel_bench 100 python bench/kernels.py --sweep --json-out "$OUT_DIR/kernels.json"
+step offline_transerve 120 python bench/offline_throughput.py --json-out "$OUT_DIR/offline.jsonl" ${OFFLINE_ARGS:-}
+step offline_transerve_batch1 50 python bench/offline_throughput.py --batch-1 --json-out "$OUT_DIR/offline.jsonl" ${OFFLINE_ARGS:-}
+step offline_hf 130 python bench/offline_throughput.py --engine hf --json-out "$OUT_DIR/offline.jsonl" ${OFFLINE_ARGS:-}
+
+python - "$OUT_DIR" "$(( $(date +%s) - START ))" <<'EOF'
+import json, re, sys
+from pathlib import Path
+
+out, total = Path(sys.argv[1]), sys.argv[2]
+rows = []
+tests = (out / "kernel_tests.log")
+if tests.exists():
+    summary = [l for l in tests.read_text().splitlines() if re.search(r"\d+ (passed|failed|error)", l)]
+    rows.append(("kernel tests (GPU shapes)", summary[-1].strip("= ") if summary else "no result (see kernel_tests.log)", ""))
+kernels = out / "kernels.json"
+if kernels.exists():
+    data = json.loads(kernels.read_text())
+    copy = data["copy_tb_per_s"]
+    rows.append(("device-to-device copy", f"{copy:.3f} TB/s", "ceiling"))
+    by_shape = {}
+    for r in data["rows"]:
+        by_shape.setdefault((r["kernel"], r["shape"]), []).append(r)
+    for (kernel, shape), rs in by_shape.items():
+        auto = [r for r in rs if r["impl"] in ("triton paged (auto)", "triton")]
+        for label, pick in (("ours", auto), ("best sweep", [min((r for r in rs if r["impl"].startswith("triton")), key=lambda r: r["seconds"])]),
+                            ("torch SDPA", [r for r in rs if "SDPA" in r["impl"]]), ("torch ref", [r for r in rs if "reference" in r["impl"]])):
+            for r in pick[:1]:
+                if label == "best sweep" and r in auto:
+                    continue
+                rows.append((f"{kernel} {shape} [{label}]",
+                             f"{r['seconds'] * 1e6:9.1f} us  {r['tb_per_s']:.3f} TB/s  {100 * r['fraction_of_copy']:.0f}% of copy",
+                             (r["impl"] if label == "best sweep" else "") + (" " + r.get("note", "")).rstrip()))
+offline = out / "offline.jsonl"
+if offline.exists():
+    for line in offline.read_text().splitlines():
+        r = json.loads(line)
+        rows.append((f"offline {r['engine']} ({r['requests']} req)", f"{r['output_tokens_per_s']:,.1f} output tok/s",
+                     f"{r['output_tokens']} tokens in {r['seconds']:.1f} s"))
+for line in (out / "steps.txt").read_text().splitlines():
+    if "rc=0" not in line:
+        rows.append(("step problem", line, "see its .log"))
+width = max(len(r[0]) for r in rows) if rows else 10
+print("\n" + "=" * 100 + f"\nSUMMARY ({total} s total)\n" + "=" * 100)
+for name, value, note in rows:
+    print(f"{name:<{width}}  {value:<48} {note}")
+EOF
