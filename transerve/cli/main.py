@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gpu-memory-utilization", "--memory-fraction", dest="memory_fraction", type=float, default=0.9,
                        help="fraction of device memory for model and KV cache when --num-kv-blocks is not set (default: 0.9)")
     serve.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of shared prompt prefixes")
+    serve.add_argument("--enforce-eager", action="store_true", help="on CUDA, run decode steps eagerly (no CUDA graphs)")
     serve.add_argument("--trust-remote-code", action="store_true", help="allow models that run their own code")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
 

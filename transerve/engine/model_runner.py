@@ -109,6 +109,22 @@ class ModelRunner:
             for _ in range(text_config.num_hidden_layers)
         ]
         self.write_kv, self.paged_attention, self.sample = kernels_for(self.device)
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = self._capture_decode_graphs(text_config, num_kv_heads, head_dim)
+
+    def _capture_decode_graphs(self, text_config, num_kv_heads: int, head_dim: int):
+        """Compile every attention variant, then capture decode steps per batch-size bucket."""
+        from transerve.engine.cuda_graphs import DecodeGraphs
+        from transerve.kernels import paged_attention
+
+        paged_attention.precompile(text_config.num_attention_heads, num_kv_heads, head_dim, self.block_size,
+                                   self.dtype, self.device, getattr(text_config, "sliding_window", None))
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.write_kv, self.paged_attention,
+                              max_num_seqs=self.config.scheduler.max_num_seqs,
+                              max_blocks_per_seq=self.max_blocks_per_seq, block_size=self.block_size)
+        graphs.capture()
+        return graphs
 
     @torch.inference_mode()
     def execute(self, seqs: tuple[SequenceInput, ...]) -> dict[str, int]:
@@ -135,30 +151,33 @@ class ModelRunner:
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-        batch = PagedBatch(
-            kv_caches=self.kv_caches,
-            slot_mapping=tensor(slots, torch.int64),
-            block_tables=tensor(tables, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            query_start_loc=tensor(query_start_loc, torch.int32),
-            write_kv=self.write_kv,
-            paged_attention=self.paged_attention,
-        )
         if not keep:  # only partial prefill chunks: fill the cache, sample nothing
             keep = [len(input_ids) - 1]
             sampled_seqs: list[SequenceInput] = []
         else:
             sampled_seqs = [seq for seq in seqs if seq.sample]
-        out = self.model(
-            input_ids=tensor([input_ids], torch.int64),
-            position_ids=tensor([positions], torch.int64),
-            logits_to_keep=tensor(keep, torch.int64),
-            use_cache=False,
-            paged_batch=batch,
-        )
+        if self.graphs is not None and len(input_ids) == len(keep) == len(seqs) and self.graphs.bucket(len(seqs)):
+            logits = self.graphs.run(input_ids, positions, slots, tables, seq_lens)  # a pure decode step
+        else:
+            batch = PagedBatch(
+                kv_caches=self.kv_caches,
+                slot_mapping=tensor(slots, torch.int64),
+                block_tables=tensor(tables, torch.int32),
+                seq_lens=tensor(seq_lens, torch.int32),
+                query_start_loc=tensor(query_start_loc, torch.int32),
+                write_kv=self.write_kv,
+                paged_attention=self.paged_attention,
+            )
+            logits = self.model(
+                input_ids=tensor([input_ids], torch.int64),
+                position_ids=tensor([positions], torch.int64),
+                logits_to_keep=tensor(keep, torch.int64),
+                use_cache=False,
+                paged_batch=batch,
+            ).logits[0]
         if not sampled_seqs:
             return {}
-        logits = out.logits[0].float()
+        logits = logits.float()
         token_ids = self.sample(
             logits,
             tensor([s.temperature for s in sampled_seqs], torch.float32),

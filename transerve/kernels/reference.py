@@ -139,14 +139,26 @@ def uniform_noise_ref(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int)
 
     Integer-only (murmur3's finaliser on 32 bits), so the Triton sampler draws the very same numbers,
     and a request's draws depend on its own seed and position alone, never on its batch."""
-    x = (seeds.long() * 0x9E3779B1 + steps.long() * 0x85EBCA77) & _MASK32
-    x = x[:, None] ^ ((torch.arange(vocab_size, device=seeds.device, dtype=torch.long) * 0xC2B2AE3D) & _MASK32)
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & _MASK32
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & _MASK32
-    x ^= x >> 16
-    return ((x >> 8).float() + 0.5) * (1.0 / 16777216.0)
+    # Computed in int32 (3x faster than int64 on CPU): multiplication wraps to the same low 32 bits,
+    # and right shifts are masked to be logical, so the bits equal the uint32 arithmetic of the kernel.
+    x = _as_int32((seeds.long() * 0x9E3779B1 + steps.long() * 0x85EBCA77) & _MASK32)
+    token = _as_int32((torch.arange(vocab_size, device=seeds.device, dtype=torch.long) * 0xC2B2AE3D) & _MASK32)
+    x = x[:, None] ^ token
+    x ^= (x >> 16) & 0xFFFF
+    x *= _as_signed(0x85EBCA6B)
+    x ^= (x >> 13) & 0x7FFFF
+    x *= _as_signed(0xC2B2AE35)
+    x ^= (x >> 16) & 0xFFFF
+    return (((x >> 8) & 0xFFFFFF).float() + 0.5) * (1.0 / 16777216.0)
+
+
+def _as_signed(value: int) -> int:
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) to int32 with the same bits."""
+    return (x - (((x >> 31) & 1) << 32)).to(torch.int32)
 
 
 class SampleOutput(NamedTuple):
