@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -28,8 +29,13 @@ class SchedulerConfig:
     # Tokens per step across all requests: long prompts are prefilled in chunks of at most this.
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # None: the model's own context length
+    # Accepted requests not yet in the running batch; past this an engine answers 429 at once, since a
+    # client is better served retrying later (or elsewhere) than by waiting in an unbounded queue.
+    max_queued_requests: int = 512
 
     def __post_init__(self) -> None:
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be at least 0, got {self.max_queued_requests}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -62,9 +68,24 @@ class ServerConfig:
     preload: tuple[str, ...] = ()  # loaded at start when no model is forced
     log_level: str = "info"
     mailbox_size: int = 1024  # bound of every actor mailbox
+    # Unload a model idle this long (seconds); None: never. The pinned model (--force-model) stays.
+    model_timeout_s: float | None = 300.0
     engine: EngineConfig = field(default_factory=EngineConfig)
+    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <api_key>`
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from; "*" for any; () for none
+    max_request_bytes: int = 64 * 1024 * 1024  # larger bodies get a 413 before they are read whole
+    shutdown_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
 
     def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key must not be empty")
+        for origin in self.allowed_origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"allowed origin {origin!r} must be '*' or scheme://host[:port] with no path")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be at least 1024, got {self.max_request_bytes}")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(f"shutdown_timeout_s must be at least 0, got {self.shutdown_timeout_s}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):

@@ -1,4 +1,5 @@
-"""Detokenizer actor: incremental detokenization, stop strings, fan-out to each request's stream."""
+"""Detokenizer actor: incremental detokenization, stop strings, output parsing (answer, thoughts, tool
+calls), logprob texts, fan-out to each request's stream."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from transerve.actors.messages import (
-    NewToken, OpenStream, RequestError, RequestEvent, RequestFailed, StepOutput, TextDelta, Usage,
+    NewToken, OpenStream, RequestError, RequestEvent, RequestFailed, StepOutput, TextDelta, TokenLogprob, Usage,
 )
+from transerve.actors.output_parser import OutputParser
+from transerve.actors.tool_formats import marker_tokens
+from transerve.engine.sampling import SampledLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +28,9 @@ class IncrementalDecoder:
 
     tokenizer: object
     stop: tuple[str, ...] = ()
+    # When set, these ids are dropped and every other token is shown, special or not: tool-call and
+    # <think> markers that a tokenizer marks special must reach the output parser.
+    hidden_ids: frozenset[int] | None = None
     token_ids: list[int] = field(default_factory=list)
     prefix_offset: int = 0
     read_offset: int = 0
@@ -35,9 +42,9 @@ class IncrementalDecoder:
         if self.stopped:
             return
         self.token_ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        new_text = decode(self.token_ids[self.prefix_offset :], skip_special_tokens=True)
+        decode = self._decode
+        prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset])
+        new_text = decode(self.token_ids[self.prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return
         start = max(len(self.text) - max((len(s) for s in self.stop), default=0), 0)
@@ -49,6 +56,11 @@ class IncrementalDecoder:
                 self.text = self.text[:index]
                 self.stopped = True
                 start = 0  # a later stop string may still match earlier in the text
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.hidden_ids is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode([i for i in ids if i not in self.hidden_ids], skip_special_tokens=False)
 
     def take(self, final: bool) -> str:
         """Text that is safe to send: all of it when final, else all but a possible stop-string prefix."""
@@ -64,50 +76,115 @@ class IncrementalDecoder:
         return out
 
 
+class TokenTexts:
+    """Per-tokenizer lookups the detokenizer repeats: each token's own text (for logprobs), and the
+    special token ids (to hide all but the output parser's markers)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.texts: dict[int, str] = {}
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self.special = frozenset(tokenizer.all_special_ids) | frozenset(i for i, t in added.items() if getattr(t, "special", False))
+        self.hidden: dict[tuple[str, ...], frozenset[int] | None] = {}
+
+    def text(self, token_id: int) -> str:
+        text = self.texts.get(token_id)
+        if text is None:
+            text = self.texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def logprob(self, token_id: int, sampled: SampledLogprobs) -> TokenLogprob:
+        top = tuple((self.text(i), lp) for i, lp in zip(sampled.top_ids, sampled.top_logprobs))
+        return TokenLogprob(self.text(token_id), sampled.logprob, top)
+
+    def hidden_ids(self, markers: tuple[str, ...]) -> frozenset[int] | None:
+        """None (the plain decode) unless one of `markers` is a special token of this tokenizer."""
+        if markers not in self.hidden:
+            ids = {self.tokenizer.convert_tokens_to_ids(m) for m in markers}
+            keep = ids & self.special
+            self.hidden[markers] = self.special - keep if keep else None
+        return self.hidden[markers]
+
+
 @dataclass
 class Stream:
     sink: ObjectSendStream[RequestEvent]
     decoder: IncrementalDecoder
+    index: int = 0
+    parser: OutputParser | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    num_reasoning_tokens: int = 0
+    pending_ids: list[int] = field(default_factory=list)  # tokens whose text is not sent yet
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+def open_stream(texts: TokenTexts, message: OpenStream) -> Stream:
+    spec = message.parser
+    if spec is None:
+        return Stream(message.sink, IncrementalDecoder(texts.tokenizer, message.stop), message.index)
+    hidden = texts.hidden_ids(marker_tokens(spec.tool_format, spec.reasoning))
+    parser = OutputParser(spec.tool_format, spec.reasoning, spec.in_reasoning, spec.parallel_tool_calls)
+    return Stream(message.sink, IncrementalDecoder(texts.tokenizer, message.stop, hidden), message.index, parser)
 
 
 async def detokenizer_actor(tokenizer, inbox: ObjectReceiveStream[OpenStream | StepOutput | RequestFailed]) -> None:
     streams: dict[str, Stream] = {}
+    texts = TokenTexts(tokenizer)
     async with inbox:
         try:
             async for message in inbox:
                 if isinstance(message, OpenStream):
-                    streams[message.request_id] = Stream(message.sink, IncrementalDecoder(tokenizer, message.stop))
+                    streams[message.request_id] = open_stream(texts, message)
                 elif isinstance(message, RequestFailed):
                     stream = streams.pop(message.request_id, None)
                     if stream is not None:
-                        await _send(stream, RequestError(message.message, message.status_code, message.param), close=True)
+                        error = RequestError(message.message, message.status_code, message.param, stream.index)
+                        await _send(stream, error, close=True)
                 else:
                     for token in message.tokens:
                         stream = streams.get(token.request_id)
-                        if stream is not None and await _on_token(stream, token):
+                        if stream is not None and await _on_token(stream, token, texts):
                             del streams[token.request_id]
         finally:
             with anyio.CancelScope(shield=True):
                 for stream in streams.values():  # shutting down: no request is left hanging
-                    await _send(stream, RequestError("the server is shutting down", 503), close=True)
+                    await _send(stream, RequestError("the server is shutting down", 503, index=stream.index), close=True)
 
 
-async def _on_token(stream: Stream, token: NewToken) -> bool:
+async def _on_token(stream: Stream, token: NewToken, texts: TokenTexts) -> bool:
     """Forward one engine token; True when the request's stream is finished."""
     decoder = stream.decoder
     stream.num_prompt_tokens, stream.num_cached_tokens = token.num_prompt_tokens, token.num_cached_tokens
     if token.token_id is not None:
         decoder.add(token.token_id)
+        stream.pending_ids.append(token.token_id)
+        if token.logprobs is not None:
+            stream.pending_logprobs.append(texts.logprob(token.token_id, token.logprobs))
     finish_reason = "stop" if decoder.stopped else token.finish_reason
     final = finish_reason is not None
     text = decoder.take(final)
-    if not final and not text:
+    reasoning, tool_calls = "", ()
+    parser = stream.parser
+    if parser is not None:
+        parsed = parser.feed(text, final)
+        if parser.done and not final:  # parallel_tool_calls is off and the first call is complete
+            decoder.stopped, final, finish_reason = True, True, "stop"
+        text, reasoning, tool_calls = parsed.content, parsed.reasoning, tuple(parsed.tool_calls)
+        if token.token_id is not None and (reasoning or parser.in_reasoning):
+            stream.num_reasoning_tokens += 1
+        if parser.num_calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+    if not final and not (text or reasoning or tool_calls):
         return False
-    usage = Usage(stream.num_prompt_tokens, len(decoder.token_ids), stream.num_cached_tokens) if final else None
-    ids = (token.token_id,) if token.token_id is not None else ()
-    await _send(stream, TextDelta(text, ids, finish_reason, usage), close=final)
+    usage = None
+    if final:
+        usage = Usage(stream.num_prompt_tokens, len(decoder.token_ids), stream.num_cached_tokens, stream.num_reasoning_tokens)
+    event = TextDelta(text, tuple(stream.pending_ids), finish_reason, usage, stream.index, reasoning, tool_calls,
+                      tuple(stream.pending_logprobs))
+    stream.pending_ids.clear()
+    stream.pending_logprobs.clear()
+    await _send(stream, event, close=final)
     return final
 
 

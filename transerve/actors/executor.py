@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import anyio
+import torch
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from transerve.actors.messages import ExecuteStep, StepResult
@@ -18,13 +19,31 @@ async def executor_actor(
     inbox: ObjectReceiveStream[ExecuteStep],
     to_scheduler: ObjectSendStream[StepResult],
 ) -> None:
+    """A step that raises (a bug in forward, out of memory) becomes a StepResult with an error: the
+    scheduler fails that step's requests and the next step runs as usual."""
+    seen: dict[str, int] = {}  # how often each distinct failure happened, so a repeating one logs once
     async with inbox, to_scheduler:
         async for message in inbox:
             try:
                 # A worker thread keeps the event loop serving HTTP while the model computes.
                 sampled = await anyio.to_thread.run_sync(runner.execute, message.seqs)
+                result = StepResult(tuple(sampled.items()), logprobs=tuple(getattr(sampled, "logprobs", {}).items()))
             except Exception as exc:
-                log.exception("model step failed for %d requests", len(message.seqs))
-                await to_scheduler.send(StepResult((), error=f"{type(exc).__name__}: {exc}"))
-                continue
-            await to_scheduler.send(StepResult(tuple(sampled.items())))
+                error = f"{type(exc).__name__}: {exc}"
+                _log_failure(seen, error, len(message.seqs))
+                if isinstance(exc, torch.OutOfMemoryError):
+                    # The failed step's activations are garbage now; give their memory back to the
+                    # allocator so the next, maybe smaller, step can run.
+                    await anyio.to_thread.run_sync(torch.cuda.empty_cache)
+                result = StepResult((), error=error)
+            await to_scheduler.send(result)
+
+
+def _log_failure(seen: dict[str, int], error: str, num_requests: int) -> None:
+    if len(seen) > 256:  # errors that embed sizes or ids are all distinct: keep the memory bounded
+        seen.clear()
+    count = seen[error] = seen.get(error, 0) + 1
+    if count == 1:
+        log.exception("model step failed; failing its %d requests", num_requests)
+    else:
+        log.error("model step failed again (%d times so far), failing its %d requests: %s", count, num_requests, error)

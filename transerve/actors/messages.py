@@ -9,6 +9,15 @@ from anyio.abc import ObjectSendStream
 
 from transerve.engine.model_runner import SequenceInput
 from transerve.engine.request import SamplingParams
+from transerve.engine.sampling import SampledLogprobs
+
+
+# handler -> tokenizer -> detokenizer: how to split the model's text into answer, thoughts and tool calls
+@dataclass(frozen=True)
+class OutputOptions:
+    tools: bool = False  # parse tool calls (tools were given and tool_choice is not "none")
+    parallel_tool_calls: bool = True  # False: the request ends after its first complete tool call
+    reasoning: bool = False  # look for <think>...</think> (chat and Responses; never legacy completions)
 
 
 # handler -> tokenizer
@@ -21,6 +30,19 @@ class TokenizeRequest:
     messages: tuple[dict[str, Any], ...] | None = None  # chat: rendered with the chat template
     prompt: str | None = None  # plain completion
     chat_template_kwargs: tuple[tuple[str, Any], ...] = ()
+    index: int = 0  # which choice of the HTTP request this is (n, or a list of prompts)
+    prompt_token_ids: tuple[int, ...] | None = None  # a completion prompt given as token ids
+    tools: tuple[dict[str, Any], ...] | None = None  # OpenAI function tools, for the chat template
+    output: OutputOptions = OutputOptions()
+
+
+# tokenizer -> detokenizer: the output parser's settings, resolved against the model's template
+@dataclass(frozen=True)
+class ParserSpec:
+    tool_format: str | None  # "hermes" | "llama3_json" | "mistral"; None: no tool parsing
+    reasoning: bool
+    in_reasoning: bool  # the prompt itself ends inside <think>: the output starts as thoughts
+    parallel_tool_calls: bool = True
 
 
 # tokenizer -> detokenizer, before the request reaches the scheduler
@@ -29,6 +51,8 @@ class OpenStream:
     request_id: str
     stop: tuple[str, ...]
     sink: ObjectSendStream[RequestEvent]
+    index: int = 0
+    parser: ParserSpec | None = None
 
 
 # tokenizer -> scheduler
@@ -56,6 +80,7 @@ class ExecuteStep:
 class StepResult:
     sampled: tuple[tuple[str, int], ...]  # (request_id, token_id)
     error: str | None = None
+    logprobs: tuple[tuple[str, SampledLogprobs], ...] = ()  # for the requests that asked
 
 
 # scheduler -> detokenizer
@@ -66,6 +91,7 @@ class NewToken:
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     num_prompt_tokens: int
     num_cached_tokens: int
+    logprobs: SampledLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -88,14 +114,37 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str  # the token's own text (special tokens included)
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # the most likely tokens and their logprobs
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one tool call: the first piece of a call has its id and name, later ones add
+    argument text; the pieces' arguments concatenate to the call's JSON arguments."""
+
+    index: int  # which call of this answer
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 @dataclass(frozen=True)
 class TextDelta:
-    text: str
+    text: str  # answer text
     token_ids: tuple[int, ...]
-    finish_reason: str | None = None  # set on the last event: "stop" | "length" | "abort"
+    finish_reason: str | None = None  # set on the last event: "stop" | "length" | "tool_calls" | "abort"
     usage: Usage | None = None  # set on the last event
+    index: int = 0
+    reasoning: str = ""  # thought text (between <think> and </think>)
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of token_ids, when asked for
 
 
 @dataclass(frozen=True)
@@ -103,6 +152,7 @@ class RequestError:
     message: str
     status_code: int = 500
     param: str | None = None
+    index: int = 0
 
 
 RequestEvent = TextDelta | RequestError

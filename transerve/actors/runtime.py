@@ -1,32 +1,31 @@
 """Builds the bounded mailboxes, starts the four actors of a model, and gives handlers one client.
 
-`EngineClient.generate(...)` is all the HTTP layer sees of an engine: an async iterator of
-`TextDelta`s (or one `RequestError`). Leaving the iterator early, for any reason, aborts the request.
-`Models` loads engines by name on first use, once even when many requests ask at the same time.
+`EngineClient.generate(...)` (in client.py) is all the HTTP layer sees of an engine. `Models` loads
+engines by name on first use, once even when many requests ask at the same time; each engine's actors
+run in their own task group, so one model can be stopped (after `--model-timeout` idle seconds, or
+when it crashes) while the others serve.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
-import time
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectSendStream, TaskGroup
+from anyio.abc import TaskGroup
 
+from transerve.actors.client import EngineClient, GenerateRequest  # noqa: F401 (re-exported)
 from transerve.actors.detokenizer import detokenizer_actor
 from transerve.actors.executor import executor_actor
-from transerve.actors.messages import Abort, RequestEvent, TokenizeRequest
+from transerve.actors.metrics import EngineMetrics
 from transerve.actors.scheduler import SchedulerActor
 from transerve.actors.tokenizer import tokenizer_actor
 from transerve.config import EngineConfig
 from transerve.engine import models
 from transerve.engine.core import EngineCore
 from transerve.engine.model_runner import ModelRunner, choose_num_kv_blocks, load_model, resolve_device, resolve_dtype
-from transerve.engine.request import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +41,11 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     generation_defaults: dict[str, Any]
     max_model_len: int
+    vocab_size: int = 0  # rows of the LM head: the token ids logit_bias may name
 
 
-def load(spec: str, config: EngineConfig, allow_download: bool) -> LoadedModel:
-    resolved = models.resolve(spec, allow_download=allow_download)
+def load(spec: str, config: EngineConfig, allow_download: bool, allow_local_paths: bool = True) -> LoadedModel:
+    resolved = models.resolve(spec, allow_download=allow_download, allow_local_paths=allow_local_paths)
     path = models.materialize(resolved, config.trust_remote_code)
     tokenizer = models.load_tokenizer(resolved, config.trust_remote_code)
     generation_config = models.load_generation_config(resolved)
@@ -67,56 +67,13 @@ def load(spec: str, config: EngineConfig, allow_download: bool) -> LoadedModel:
         defaults = {}  # the model's config says nothing about sampling: the OpenAI defaults apply
     log.info("loaded %s on %s: %d KV blocks of %d tokens, context %d", spec, device, num_kv_blocks,
              config.cache.block_size, max_model_len)
-    return LoadedModel(spec, tokenizer, runner, core, frozenset(eos_ids), defaults, max_model_len)
+    head = model.get_output_embeddings()
+    vocab_size = head.weight.shape[0] if head is not None else text_config.vocab_size
+    return LoadedModel(spec, tokenizer, runner, core, frozenset(eos_ids), defaults, max_model_len, vocab_size)
 
 
-class EngineClient:
-    def __init__(self, loaded: LoadedModel, tokenizer_inbox: ObjectSendStream) -> None:
-        self.model_id = loaded.model_id
-        self.max_model_len = loaded.max_model_len
-        self.generation_defaults = loaded.generation_defaults
-        self.created = int(time.time())
-        self.loaded = loaded
-        self._tokenizer_inbox = tokenizer_inbox
-
-    async def aclose(self) -> None:
-        await self._tokenizer_inbox.aclose()
-
-    async def generate(
-        self,
-        sampling_params: SamplingParams,
-        *,
-        max_tokens_given: bool,
-        messages: list[dict] | None = None,
-        prompt: str | None = None,
-        stop: tuple[str, ...] = (),
-        chat_template_kwargs: dict[str, Any] | None = None,
-    ) -> AsyncIterator[RequestEvent]:
-        request_id = uuid.uuid4().hex
-        # One slot per possible token plus the final event: the detokenizer never waits on a client.
-        size = min(sampling_params.max_tokens, self.max_model_len) + 2
-        sink, source = anyio.create_memory_object_stream[RequestEvent](size)
-        request = TokenizeRequest(
-            request_id, sampling_params, stop, sink,
-            messages=tuple(messages) if messages is not None else None, prompt=prompt,
-            chat_template_kwargs=tuple((chat_template_kwargs or {}).items()),
-        )
-        try:
-            await self._tokenizer_inbox.send((request, max_tokens_given))
-            async with source:
-                async for event in source:
-                    yield event
-        finally:
-            # Whatever ended the iteration (the client left, a stop string matched, an error), the
-            # engine must drop the request now; for one it already finished this is a no-op.
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._tokenizer_inbox.send(Abort(request_id))
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    pass
-
-
-async def start_engine(task_group: TaskGroup, loaded: LoadedModel, mailbox_size: int) -> EngineClient:
+async def start_engine(task_group: TaskGroup, loaded: LoadedModel, mailbox_size: int,
+                       metrics: EngineMetrics | None = None) -> EngineClient:
     tok_send, tok_recv = anyio.create_memory_object_stream(mailbox_size)
     sched_send, sched_recv = anyio.create_memory_object_stream(mailbox_size)
     exec_send, exec_recv = anyio.create_memory_object_stream(1)
@@ -127,7 +84,7 @@ async def start_engine(task_group: TaskGroup, loaded: LoadedModel, mailbox_size:
     task_group.start_soon(scheduler.run)
     task_group.start_soon(executor_actor, loaded.runner, exec_recv, result_send)
     task_group.start_soon(detokenizer_actor, loaded.tokenizer, detok_recv)
-    return EngineClient(loaded, tok_send)
+    return EngineClient(loaded, tok_send, metrics)
 
 
 @dataclass
@@ -139,12 +96,14 @@ class Models:
     mailbox_size: int = 1024
     forced: str | None = None
     allow_download: bool = False
+    model_timeout: float | None = None  # unload a model idle this many seconds (never the forced one)
+    metrics: EngineMetrics = field(default_factory=EngineMetrics)  # this server's own Prometheus registry
     engines: dict[str, EngineClient] = field(default_factory=dict)
     _locks: dict[str, anyio.Lock] = field(default_factory=dict)
 
     async def aclose(self) -> None:
         """Stop taking requests; each engine's actors finish what they hold and return."""
-        for engine in self.engines.values():
+        for engine in list(self.engines.values()):
             await engine.aclose()
 
     async def get(self, name: str | None) -> EngineClient:
@@ -152,12 +111,59 @@ class Models:
         spec = self.forced or name
         if not spec:
             raise models.ModelNotFoundError("no model given; pass `model` in the request")
-        if spec in self.engines:
-            return self.engines[spec]
-        lock = self._locks.setdefault(spec, anyio.Lock())
-        async with lock:
-            if spec not in self.engines:
-                allow_download = self.allow_download and spec == self.forced
-                loaded = await anyio.to_thread.run_sync(load, spec, self.config, allow_download)
-                self.engines[spec] = await start_engine(self.task_group, loaded, self.mailbox_size)
-        return self.engines[spec]
+        engine = self.engines.get(spec)
+        if engine is None:
+            lock = self._locks.setdefault(spec, anyio.Lock())
+            try:
+                async with lock:
+                    engine = self.engines.get(spec)
+                    if engine is None:
+                        allow_download = self.allow_download and spec == self.forced
+                        # Only the operator's MODEL may be a local path; a request's `model` never is.
+                        loaded = await anyio.to_thread.run_sync(load, spec, self.config, allow_download, spec == self.forced)
+                        engine = await self.task_group.start(self._run_engine, spec, loaded)
+            finally:
+                # A lock kept for every name ever asked for (most of them unknown) would grow without bound.
+                if not lock.locked() and lock.statistics().tasks_waiting == 0 and self._locks.get(spec) is lock:
+                    del self._locks[spec]
+        engine.touch()  # before any await: an engine handed out is never idle long enough to unload
+        return engine
+
+    async def _run_engine(self, spec: str, loaded: LoadedModel, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        """Run one model's actors in their own task group until it is unloaded, shut down, or crashes."""
+        engine = None
+        try:
+            async with anyio.create_task_group() as task_group:
+                engine = await start_engine(task_group, loaded, self.mailbox_size, self.metrics)
+                self.engines[spec] = engine
+                del loaded  # the engine holds the model now: unloading it must free the memory
+                task_status.started(engine)
+                if self.model_timeout is not None and self.model_timeout > 0 and spec != self.forced:
+                    task_group.start_soon(self._unload_when_idle, spec, engine)
+        except Exception:  # one model's crash must not take the server (and the other models) down
+            log.exception("the engine of %s failed; it will be loaded again on its next request", spec)
+        finally:
+            if engine is not None and self.engines.get(spec) is engine:
+                del self.engines[spec]
+            engine = None
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_free_memory)
+
+    async def _unload_when_idle(self, spec: str, engine: EngineClient) -> None:
+        while not engine.closed.is_set():
+            idle_until = engine.last_used + self.model_timeout
+            with anyio.move_on_after(max(idle_until - anyio.current_time(), 0.05)):
+                await engine.closed.wait()
+            if engine.in_flight == 0 and anyio.current_time() >= engine.last_used + self.model_timeout:
+                log.info("unloading %s after %.0f s idle", spec, self.model_timeout)
+                if self.engines.get(spec) is engine:
+                    del self.engines[spec]
+                await engine.aclose()  # the actors drain (nothing is in flight) and the task group ends
+
+
+def _free_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -13,13 +13,14 @@ from transerve.actors.messages import (
 )
 from transerve.engine.core import EngineCore, TokenOutput
 from transerve.engine.request import Request
+from transerve.engine.sampling import SampledLogprobs
 
 log = logging.getLogger(__name__)
 
 
-def _new_token(out: TokenOutput) -> NewToken:
+def _new_token(out: TokenOutput, logprobs: SampledLogprobs | None = None) -> NewToken:
     reason = out.status.value if out.status.is_finished else None
-    return NewToken(out.request_id, out.token_id, reason, out.num_prompt_tokens, out.num_cached_tokens)
+    return NewToken(out.request_id, out.token_id, reason, out.num_prompt_tokens, out.num_cached_tokens, logprobs)
 
 
 class SchedulerActor:
@@ -85,7 +86,10 @@ class SchedulerActor:
     async def run_step(self) -> None:
         step, inputs = self.core.schedule()
         if not inputs:
-            return  # nothing fits now; running requests will free blocks
+            # Nothing fits now (preempted requests resume next step). Yield to the event loop so a
+            # scheduler that cannot progress never starves HTTP and the other actors.
+            await anyio.sleep(0)
+            return
         await self.to_executor.send(ExecuteStep(inputs))
         result = await self.from_executor.receive()
         if result.error is not None:
@@ -95,4 +99,5 @@ class SchedulerActor:
             return
         outputs = self.core.apply(step, dict(result.sampled))
         if outputs:
-            await self.to_detokenizer.send(StepOutput(tuple(_new_token(out) for out in outputs)))
+            logprobs = dict(result.logprobs)
+            await self.to_detokenizer.send(StepOutput(tuple(_new_token(out, logprobs.get(out.request_id)) for out in outputs)))

@@ -1,4 +1,5 @@
-"""Tokenizer actor: chat template and tokenization, then hands the request to the scheduler."""
+"""Tokenizer actor: chat template (with tools) and tokenization, then hands the request to the scheduler;
+also decides how the detokenizer parses the answer (tool-call syntax, thoughts)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import logging
 
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from transerve.actors.messages import Abort, OpenStream, RequestError, TokenizedRequest, TokenizeRequest
+from transerve.actors.messages import (
+    Abort, OpenStream, OutputOptions, ParserSpec, RequestError, TokenizedRequest, TokenizeRequest,
+)
+from transerve.actors.tool_formats import END_THINK, THINK, detect_tool_format
 
 log = logging.getLogger(__name__)
 
@@ -18,23 +22,49 @@ class TokenizerError(ValueError):
         self.param = param
 
 
-def tokenize(tokenizer, request: TokenizeRequest) -> list[int]:
+def tokenize(tokenizer, request: TokenizeRequest) -> tuple[list[int], str]:
+    """The prompt's token ids, and its text when a chat template rendered it (for the output parser)."""
     if request.messages is not None:
         if not getattr(tokenizer, "chat_template", None):
             raise TokenizerError("this model has no chat template; use /v1/completions", "messages")
+        kwargs = dict(request.chat_template_kwargs)
+        if request.tools:
+            kwargs["tools"] = list(request.tools)
         try:
-            ids = tokenizer.apply_chat_template(
-                list(request.messages), add_generation_prompt=True, tokenize=True, return_dict=True,
-                **dict(request.chat_template_kwargs),
-            )["input_ids"]
+            text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False, **kwargs)
         except Exception as exc:  # jinja raises for conversations the template forbids (roles out of order, ...)
             raise TokenizerError(f"the chat template rejected these messages: {exc}", "messages") from exc
-        return list(ids)
-    return tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"]
+        # What apply_chat_template(tokenize=True) does: the template writes the special tokens itself.
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]), text
+    if request.prompt_token_ids is not None:
+        return list(request.prompt_token_ids), ""
+    return tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"], ""
+
+
+class ParserSpecs:
+    """Resolves a request's OutputOptions against this model: which tool-call syntax its template
+    speaks, whether it thinks in <think> tags, whether the prompt already opened a thought."""
+
+    def __init__(self, tokenizer) -> None:
+        template = getattr(tokenizer, "chat_template", None) or ""
+        if isinstance(template, dict):  # named templates: look at all of them
+            template = "\n".join(template.values())
+        self.tool_format = detect_tool_format(template, tokenizer.get_vocab())
+        self.template_thinks = THINK in template
+
+    def spec(self, options: OutputOptions, prompt_text: str) -> ParserSpec | None:
+        reasoning = options.reasoning and (self.template_thinks or THINK in prompt_text)
+        if not (options.tools or reasoning):
+            return None
+        in_reasoning = reasoning and prompt_text.rfind(THINK) > prompt_text.rfind(END_THINK)
+        return ParserSpec(self.tool_format if options.tools else None, reasoning, in_reasoning, options.parallel_tool_calls)
 
 
 def fit_to_context(ids: list[int], request: TokenizeRequest, max_model_len: int, max_tokens_given: bool):
     """The request's sampling params with max_tokens set, or an error when it cannot fit."""
+    if not ids:  # nothing to run: the first output token is sampled from the last prompt token's logits
+        raise TokenizerError("the prompt is empty (no tokens): give at least one token",
+                             "messages" if request.messages is not None else "prompt")
     room = max_model_len - len(ids)
     if room < 1:
         raise TokenizerError(
@@ -59,6 +89,7 @@ async def tokenizer_actor(
     to_scheduler: ObjectSendStream[TokenizedRequest | Abort],
 ) -> None:
     """Aborts pass through here too, so an abort never overtakes the request it cancels."""
+    specs = ParserSpecs(tokenizer)
     async with inbox, to_detokenizer, to_scheduler:
         async for message in inbox:
             if isinstance(message, Abort):
@@ -66,16 +97,17 @@ async def tokenizer_actor(
                 continue
             request, max_tokens_given = message
             try:
-                ids = tokenize(tokenizer, request)
+                ids, prompt_text = tokenize(tokenizer, request)
                 params = fit_to_context(ids, request, max_model_len, max_tokens_given)
+                parser = specs.spec(request.output, prompt_text)
             except TokenizerError as exc:
-                await _fail(request, RequestError(str(exc), 400, exc.param))
+                await _fail(request, RequestError(str(exc), 400, exc.param, request.index))
                 continue
             except Exception as exc:  # a tokenizer bug must fail one request, not the server
                 log.exception("tokenization failed")
-                await _fail(request, RequestError(f"tokenization failed: {exc}", 500))
+                await _fail(request, RequestError(f"tokenization failed: {exc}", 500, index=request.index))
                 continue
-            await to_detokenizer.send(OpenStream(request.request_id, request.stop, request.sink))
+            await to_detokenizer.send(OpenStream(request.request_id, request.stop, request.sink, request.index, parser))
             await to_scheduler.send(TokenizedRequest(request.request_id, tuple(ids), params))
 
 

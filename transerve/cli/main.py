@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from transerve.engine.models import DEFAULT_MODEL
@@ -17,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve this model for every request: repo id[@revision], local directory, file.gguf or "
                             "repo:file.gguf. Without it, each request's `model` is loaded from the HF cache on first use")
     serve.add_argument("--force-model", default=None, help="the same as MODEL")
+    serve.add_argument("--model-timeout", type=float, default=300.0,
+                       help="unload a model (not the pinned MODEL) after this many idle seconds; 0 or less: never "
+                            "(default: 300)")
     serve.add_argument("--no-preload", action="store_true",
                        help=f"without MODEL, do not load {DEFAULT_MODEL} at start (it still loads on first use)")
     serve.add_argument("--host", default="localhost", help="address to bind (default: localhost)")
@@ -35,6 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of shared prompt prefixes")
     serve.add_argument("--enforce-eager", action="store_true", help="on CUDA, run decode steps eagerly (no CUDA graphs)")
     serve.add_argument("--trust-remote-code", action="store_true", help="allow models that run their own code")
+    serve.add_argument("--max-queued-requests", type=int, default=512,
+                       help="requests that may wait beyond a full batch; past that, 429 with Retry-After (default: 512)")
+    serve.add_argument("--api-key", default=os.environ.get("TRANSERVE_API_KEY") or None,
+                       help="require `Authorization: Bearer KEY` on all but /health, /metrics and /openapi.json "
+                            "(default: $TRANSERVE_API_KEY; prefer the variable, command lines are visible to other users)")
+    serve.add_argument("--allowed-origins", default="",
+                       help="CORS: comma-separated origins (https://app.example.com) that browsers may call from, "
+                            "or '*' (default: none)")
+    serve.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024,
+                       help="largest request body; larger ones get 413 (default: 67108864, 64 MiB)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="on SIGTERM or Ctrl-C, seconds that in-flight requests get to finish (default: 30)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
 
     download = sub.add_parser("download", help="download a model into the Hugging Face cache")

@@ -23,6 +23,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.force_model or args.model,
         preload=() if args.force_model or args.model or args.no_preload or bundled_gguf_path() is None else (DEFAULT_MODEL,),
         log_level=args.log_level,
+        model_timeout_s=args.model_timeout if args.model_timeout > 0 else None,
+        api_key=args.api_key,
+        allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+        max_request_bytes=args.max_request_bytes,
+        shutdown_timeout_s=args.shutdown_timeout,
         engine=EngineConfig(
             device=args.device,
             dtype=args.dtype,
@@ -31,7 +36,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             cache=CacheConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                               memory_fraction=args.memory_fraction, enable_prefix_caching=not args.no_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                      max_model_len=args.max_model_len),
+                                      max_model_len=args.max_model_len, max_queued_requests=args.max_queued_requests),
         ),
     )
 
@@ -45,19 +50,21 @@ async def serve(config: ServerConfig, ready: anyio.Event | None = None) -> None:
 
     stop = anyio.Event()
     async with anyio.create_task_group() as task_group:
-        task_group.start_soon(_stop_on_signals, stop)
-        models = Models(config.engine, task_group, config.mailbox_size, forced=config.model, allow_download=True)
+        task_group.start_soon(_stop_on_signals, stop, config.shutdown_timeout_s)
+        models = Models(config.engine, task_group, config.mailbox_size, forced=config.model, allow_download=True,
+                        model_timeout=config.model_timeout_s)
         for spec in (config.model, *config.preload):
             if spec:
                 await models.get(spec)
         hypercorn_config = HypercornConfig()
         hypercorn_config.bind = [f"{config.host}:{config.port}"]
         hypercorn_config.accesslog = logging.getLogger("transerve.access") if config.log_level == "debug" else None
-        hypercorn_config.graceful_timeout = 5.0
+        # On SIGTERM hypercorn stops accepting at once and gives in-flight requests this long.
+        hypercorn_config.graceful_timeout = config.shutdown_timeout_s
         log.info("serving %s on http://%s:%d/v1", config.model or "models on demand", config.host, config.port)
         if ready is not None:
             ready.set()
-        await hypercorn_serve(create_app(models), hypercorn_config, shutdown_trigger=stop.wait)
+        await hypercorn_serve(create_app(models, config), hypercorn_config, shutdown_trigger=stop.wait)
         # HTTP is drained; closing the engines' mailboxes lets every actor finish and return.
         stop.set()
         await models.aclose()
@@ -67,12 +74,13 @@ async def serve(config: ServerConfig, ready: anyio.Event | None = None) -> None:
 ACTOR_SHUTDOWN_TIMEOUT_S = 10.0
 
 
-async def _stop_on_signals(stop: anyio.Event) -> None:
+async def _stop_on_signals(stop: anyio.Event, shutdown_timeout_s: float) -> None:
     async with anyio.create_task_group() as task_group:
         async def watch() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    log.info("received %s: no new connections; in-flight requests have %.0f s to finish (signal "
+                             "again to stop now)", signal.Signals(signum).name, shutdown_timeout_s)
                     stop.set()
                     return
 
@@ -89,6 +97,18 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValueError, ModelNotFoundError) as exc:
         log.error("%s", exc)
         return 2
+    except BaseExceptionGroup as group:  # raised inside the task group: a model that cannot load
+        user_errors, other = group.split((ValueError, ModelNotFoundError))
+        if other is not None or user_errors is None:
+            raise
+        for exc in _leaves(user_errors):
+            log.error("%s", exc)
+        return 2
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _leaves(group: BaseExceptionGroup):
+    for exc in group.exceptions:
+        yield from _leaves(exc) if isinstance(exc, BaseExceptionGroup) else (exc,)

@@ -13,6 +13,7 @@ from transerve.config import SchedulerConfig
 from transerve.engine.block_manager import BlockManager
 from transerve.engine.model_runner import SequenceInput
 from transerve.engine.request import Request, RequestStatus
+from transerve.engine.sampling import banned_token_ids
 from transerve.engine.scheduler import Scheduler, Step
 
 
@@ -32,6 +33,7 @@ class EngineCore:
         self.scheduler = Scheduler(config, self.block_manager, max_model_len)
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
+        self.num_failed_steps = 0  # steps whose model call raised; read by /metrics
 
     def add_request(self, request: Request) -> bool:
         """Queue a request; False if even alone it could not fit in the KV cache.
@@ -77,6 +79,7 @@ class EngineCore:
                 min_p=params.min_p,
                 seed=request.seed,
                 output_index=request.num_output_tokens,
+                **(_sampling_extras(request) if item.samples else {}),
             ))
         return step, tuple(inputs)
 
@@ -91,10 +94,30 @@ class EngineCore:
 
     def fail(self, step: Step) -> list[TokenOutput]:
         """The step could not run: finish every request in it."""
+        self.num_failed_steps += 1
         return [out for item in step.scheduled if (out := self.abort(item.request.request_id)) is not None]
 
     def _output(self, request: Request, token_id: int | None) -> TokenOutput:
         return TokenOutput(request.request_id, token_id, request.status, request.num_prompt_tokens, request.num_cached_tokens)
+
+
+def _sampling_extras(request: Request) -> dict:
+    """The SequenceInput fields beyond the basic sampling knobs, only those the request uses."""
+    params = request.sampling_params
+    extras: dict = {}
+    if params.logit_bias:
+        extras["logit_bias"] = params.logit_bias
+    if params.has_bans:
+        extras["banned_token_ids"] = banned_token_ids(request)
+    if params.has_penalties:
+        extras.update(
+            repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty, prompt_token_ids=tuple(request.prompt_token_ids),
+            output_token_ids=tuple(request.output_token_ids),
+        )
+    if params.num_logprobs is not None:
+        extras["num_logprobs"] = params.num_logprobs
+    return extras
 
 
 def generate(core: EngineCore, runner, requests: list[Request]) -> dict[str, list[int]]:

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from transerve.config import EngineConfig
+from transerve.engine.sampling import StepSamples, sample_step
 from transerve.kernels import kernels_for
 
 ATTN_IMPLEMENTATION = "transerve_paged"
@@ -34,6 +35,15 @@ class SequenceInput:
     min_p: float
     seed: int
     output_index: int  # index of the token to be sampled among the outputs: keys the seeded noise
+    # The rest matter only when `sample` is set, and are empty or neutral unless the request asks.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    banned_token_ids: tuple[int, ...] = ()  # this step's bans (min_tokens, n-grams, bad words)
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    prompt_token_ids: tuple[int, ...] = ()  # given only when a penalty is set: penalties count tokens
+    output_token_ids: tuple[int, ...] = ()
+    num_logprobs: int | None = None
 
 
 @dataclass
@@ -128,7 +138,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, seqs: tuple[SequenceInput, ...]) -> dict[str, int]:
-        """Run one step; returns the sampled token of every sequence that asked for one."""
+        """Run one step; returns the sampled token of every sequence that asked for one (a StepSamples,
+        which also carries the logprobs of the sequences that asked for them)."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -176,18 +187,8 @@ class ModelRunner:
                 paged_batch=batch,
             ).logits[0]
         if not sampled_seqs:
-            return {}
-        logits = logits.float()
-        token_ids = self.sample(
-            logits,
-            tensor([s.temperature for s in sampled_seqs], torch.float32),
-            tensor([s.top_k for s in sampled_seqs], torch.int32),
-            tensor([s.top_p for s in sampled_seqs], torch.float32),
-            tensor([s.min_p for s in sampled_seqs], torch.float32),
-            tensor([s.seed for s in sampled_seqs], torch.int64),
-            tensor([s.output_index for s in sampled_seqs], torch.int64),
-        ).tolist()
-        return {seq.request_id: token_id for seq, token_id in zip(sampled_seqs, token_ids)}
+            return StepSamples()
+        return sample_step(self.sample, logits.float(), sampled_seqs)
 
 
 def kv_shape(text_config) -> tuple[int, int]:

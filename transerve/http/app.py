@@ -6,15 +6,24 @@ from quart import Quart, jsonify
 
 from transerve.actors.runtime import Models
 from transerve.engine.models import ModelNotFoundError
-from transerve.http import chat, models_api
+from transerve.config import ServerConfig
+from transerve.http import chat, completions, models_api, openapi, responses
 from transerve.http.errors import error_body, install_error_handlers
+from transerve.http.metrics import install_metrics
+from transerve.http.middleware import install_guards
 
 
-def create_app(models: Models) -> Quart:
+def create_app(models: Models, config: ServerConfig = ServerConfig()) -> Quart:
     app = Quart("transerve")
     app.config["MODELS"] = models
-    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
+    # Quart cuts a response after 60 s by default: a long streamed answer on a slow box takes longer.
+    app.config["RESPONSE_TIMEOUT"] = None
+    install_guards(app, config.api_key, config.allowed_origins, config.max_request_bytes)
+    install_metrics(app, models)
+    app.register_blueprint(openapi.bp)
     app.register_blueprint(chat.bp)
+    app.register_blueprint(completions.bp)
+    app.register_blueprint(responses.bp)
     app.register_blueprint(models_api.bp)
     install_error_handlers(app)
 

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 _MASK32 = 0xFFFFFFFF
+_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1
 
 
 def write_kv_ref(
@@ -149,7 +150,9 @@ def uniform_noise_ref(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int)
     x ^= (x >> 13) & 0x7FFFF
     x *= _as_signed(0xC2B2AE35)
     x ^= (x >> 16) & 0xFFFF
-    return (((x >> 8) & 0xFFFFFF).float() + 0.5) * (1.0 / 16777216.0)
+    # (k + 0.5) / 2**24 rounds to exactly 1.0 in float32 for the top k, and -log(1) = 0 would turn the
+    # race into 0/0 (NaN wins argmax: a random token); the largest float below 1 keeps it in (0, 1).
+    return ((((x >> 8) & 0xFFFFFF).float() + 0.5) * (1.0 / 16777216.0)).clamp_max(_BELOW_ONE)
 
 
 def _as_signed(value: int) -> int:

@@ -30,7 +30,8 @@ def _uniform_noise(seed, step, idx):
     x = x ^ (x >> 13)
     x = x * 0xC2B2AE35
     x = x ^ (x >> 16)
-    return ((x >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    # Clamped below 1 as in the reference: -log(1) = 0 would make the race 0/0.
+    return tl.minimum(((x >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994)
 
 
 @triton.jit

@@ -1,0 +1,32 @@
+"""The `transerve` command as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "transerve.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_download_without_the_hub_fails_with_one_clear_line():
+    result = run("download", "Qwen/Qwen2.5-0.5B-Instruct")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot download Qwen/Qwen2.5-0.5B-Instruct")
+
+
+def test_serve_with_an_unknown_model_exits_with_a_clear_error():
+    result = run("serve", "nobody/no-such-model", "--port", "0")
+    assert result.returncode == 2
+    assert "nobody/no-such-model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_lists_every_serve_flag():
+    result = run("serve", "--help")
+    for flag in ("--host", "--port", "--device", "--dtype", "--force-model", "--max-num-seqs", "--max-model-len",
+                 "--block-size", "--num-kv-blocks", "--gpu-memory-utilization", "--log-level"):
+        assert flag in result.stdout

@@ -1,0 +1,105 @@
+"""The one object the HTTP layer sees of an engine: `generate(...)` and nothing else.
+
+`EngineClient.generate(requests)` runs one HTTP request's choices (n samples, or a list of prompts)
+and yields their `TextDelta`s as they come, interleaved and tagged with `index`, or `RequestError`s.
+Leaving the iterator early, for any reason, aborts every choice still running.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import ObjectSendStream
+
+from transerve.actors.admission import Admission
+from transerve.actors.messages import Abort, OutputOptions, RequestError, RequestEvent, TokenizeRequest
+from transerve.actors.metrics import EngineMetrics
+from transerve.engine.request import SamplingParams
+
+if TYPE_CHECKING:
+    from transerve.actors.runtime import LoadedModel
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One choice: a prompt (chat messages, text or token ids) and how to sample and parse its answer."""
+
+    sampling_params: SamplingParams
+    max_tokens_given: bool  # else max_tokens fills the context and is never an error
+    messages: tuple[dict[str, Any], ...] | None = None
+    prompt: str | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    stop: tuple[str, ...] = ()
+    chat_template_kwargs: tuple[tuple[str, Any], ...] = ()
+    tools: tuple[dict[str, Any], ...] | None = None
+    output: OutputOptions = OutputOptions()
+
+
+class EngineClient:
+    def __init__(self, loaded: LoadedModel, tokenizer_inbox: ObjectSendStream, metrics: EngineMetrics | None = None) -> None:
+        self.model_id = loaded.model_id
+        self.max_model_len = loaded.max_model_len
+        self.vocab_size = loaded.vocab_size
+        self.generation_defaults = loaded.generation_defaults
+        self.tokenizer = loaded.tokenizer  # for the HTTP layer's own small needs (echo of token prompts)
+        self.created = int(time.time())
+        self.loaded = loaded
+        self.in_flight = 0  # HTTP requests inside generate(); an engine with some is never unloaded
+        self.last_used = anyio.current_time()
+        self.closed = anyio.Event()
+        self._tokenizer_inbox = tokenizer_inbox
+        self.metrics = metrics if metrics is not None else EngineMetrics()
+        self.admission = Admission(loaded.model_id, loaded.core.scheduler.config, self.metrics)
+
+    def touch(self) -> None:
+        self.last_used = anyio.current_time()
+
+    async def aclose(self) -> None:
+        """Take no more requests; the actors finish what they hold and return."""
+        self.closed.set()
+        await self._tokenizer_inbox.aclose()
+
+    async def generate(self, requests: Sequence[GenerateRequest]) -> AsyncIterator[RequestEvent]:
+        request_ids = [uuid.uuid4().hex for _ in requests]
+        # One slot per possible token plus the final event, per choice: the detokenizer never waits on a client.
+        size = sum(min(r.sampling_params.max_tokens, self.max_model_len) + 2 for r in requests)
+        self.admission.enter(len(requests))  # raises EngineOverloadedError (429) when the queue is full
+        sink, source = anyio.create_memory_object_stream[RequestEvent](size)
+        trackers = self.metrics.track(self.model_id, len(requests))
+        self.in_flight += 1
+        try:
+            async with source:
+                try:
+                    with sink:  # each choice holds its own clone; the stream ends when all are closed
+                        for index, (request_id, r) in enumerate(zip(request_ids, requests)):
+                            tokenize = TokenizeRequest(
+                                request_id, r.sampling_params, r.stop, sink.clone(), messages=r.messages, prompt=r.prompt,
+                                chat_template_kwargs=r.chat_template_kwargs, index=index,
+                                prompt_token_ids=r.prompt_token_ids, tools=r.tools, output=r.output,
+                            )
+                            await self._tokenizer_inbox.send((tokenize, r.max_tokens_given))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    trackers.fail()
+                    yield RequestError("this model was just unloaded; send the request again", 503)
+                    return
+                async for event in source:
+                    trackers.on_event(event)
+                    yield event
+        finally:
+            self.in_flight -= 1
+            self.admission.leave(len(requests))
+            trackers.finish()
+            self.touch()
+            # Whatever ended the iteration (the client left, a stop string matched, an error), the
+            # engine must drop the requests now; for finished ones this is a no-op.
+            with anyio.CancelScope(shield=True):
+                for request_id in request_ids:
+                    try:
+                        await self._tokenizer_inbox.send(Abort(request_id))
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        break

@@ -1,0 +1,116 @@
+"""What the endpoints share about answers: collecting a choice's events, usage, logprobs, SSE closing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from transerve.actors.messages import RequestError, RequestEvent, TextDelta, TokenLogprob, ToolCallDelta, Usage
+from transerve.http.errors import OpenAIError
+
+
+async def first_event(events: AsyncIterator[RequestEvent]) -> RequestEvent:
+    """The first event, so that a request rejected by the engine gets a 4xx status, not a stream."""
+    event = await anext(events)
+    if isinstance(event, RequestError):
+        await events.aclose()
+        raise OpenAIError(event.message, event.status_code, event.param)
+    return event
+
+
+class closing:
+    """Close the engine's event iterator however a stream ends, which aborts unfinished requests."""
+
+    def __init__(self, events: AsyncIterator) -> None:
+        self.events = events
+
+    async def __aenter__(self):
+        return self.events
+
+    async def __aexit__(self, *exc) -> None:
+        await self.events.aclose()
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str = ""
+
+
+@dataclass
+class Choice:
+    """One choice's whole answer, put together from its events."""
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+    def add(self, event: TextDelta) -> None:
+        self.text += event.text
+        self.reasoning += event.reasoning
+        for delta in event.tool_calls:
+            add_tool_delta(self.tool_calls, delta)
+        self.logprobs.extend(event.logprobs)
+        self.token_ids.extend(event.token_ids)
+        if event.finish_reason is not None:
+            self.finish_reason, self.usage = event.finish_reason, event.usage
+
+
+def add_tool_delta(calls: list[ToolCall], delta: ToolCallDelta) -> None:
+    if delta.name is not None:
+        calls.append(ToolCall(delta.id or "", delta.name))
+    calls[delta.index].arguments += delta.arguments
+
+
+async def collect(events: AsyncIterator[RequestEvent], count: int, first: RequestEvent | None = None) -> list[Choice]:
+    """Every choice's answer (`first` already taken from `events`); a failure of any choice fails the request."""
+    choices = [Choice() for _ in range(count)]
+    async with closing(events):
+        event = first if first is not None else await anext(events, None)
+        while event is not None:
+            if isinstance(event, RequestError):
+                raise OpenAIError(event.message, event.status_code, event.param)
+            choices[event.index].add(event)
+            event = await anext(events, None)
+    return choices
+
+
+def total_usage(usages: list[Usage | None], per_prompt: int = 1) -> Usage:
+    """Usage of a whole request: each prompt counted once (n choices share one), every answer counted."""
+    usages = [u or Usage(0, 0) for u in usages]
+    prompts = usages[::per_prompt]
+    return Usage(sum(u.prompt_tokens for u in prompts), sum(u.completion_tokens for u in usages),
+                 sum(u.cached_tokens for u in prompts), sum(u.reasoning_tokens for u in usages))
+
+
+def usage_dict(usage: Usage | None) -> dict | None:
+    if usage is None:
+        return None
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+    }
+
+
+def finite(logprob: float) -> float:
+    """JSON has no -Infinity: a banned token's logprob is reported as OpenAI's floor."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
+def logprob_entries(logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> list[dict]:
+    """Chat's and Responses' shape: token, logprob, bytes, top_logprobs."""
+    return [{
+        "token": lp.token,
+        "logprob": finite(lp.logprob),
+        "bytes": list(lp.token.encode("utf-8")),
+        "top_logprobs": [{"token": t, "logprob": finite(v), "bytes": list(t.encode("utf-8"))} for t, v in lp.top],
+    } for lp in logprobs]
