@@ -94,8 +94,7 @@ def _attend_padded(
     """paged_attention_ref for sequences padded to the longest query, in a few batched matmuls."""
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = block_tables.shape[0]
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
+    group = num_heads // k_cache.shape[2]
     device = query.device
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
     max_q = int(q_lens.max())
@@ -110,28 +109,24 @@ def _attend_padded(
     keys = _gather_context(k_cache, block_tables).to(query.dtype)
     values = _gather_context(v_cache, block_tables).to(query.dtype)
     ctx_len = keys.shape[1]
-    # Slots past a sequence's end hold whatever the cache had (NaN in the tests): zero them, since a
-    # probability of 0 times NaN is still NaN. Masked keys need nothing: their scores become -inf.
-    beyond = torch.arange(ctx_len, device=device)[None, :] >= seq_lens[:, None]
-    values = values.masked_fill(beyond[:, :, None, None], 0.0)
-
-    # [num_seqs, num_kv_heads, group * max_q, head_dim] x [num_seqs, num_kv_heads, head_dim, ctx_len]
-    q = q.view(num_seqs, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    q = q.reshape(num_seqs, num_kv_heads, group * max_q, head_dim)
-    scores = torch.matmul(q, keys.permute(0, 2, 3, 1)).float() * scale
-    scores = scores.view(num_seqs, num_kv_heads, group, max_q, ctx_len)
+    # Slots past a sequence's end hold whatever the cache had (NaN in the tests): zero them, since
+    # masking adds -inf to a NaN score and a probability of 0 times a NaN value is still NaN.
+    beyond = (torch.arange(ctx_len, device=device)[None, :] >= seq_lens[:, None])[:, :, None, None]
+    keys = keys.masked_fill(beyond, 0.0)
+    values = values.masked_fill(beyond, 0.0)
 
     q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]  # [num_seqs, max_q]
     k_pos = torch.arange(ctx_len, device=device)
     allowed = k_pos[None, None, :] <= q_pos[:, :, None]
     if sliding_window is not None:
         allowed &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-    scores.masked_fill_(~allowed[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0).to(query.dtype)  # padded rows are all -inf
-
-    out = torch.matmul(probs.view(num_seqs, num_kv_heads, group * max_q, ctx_len), values.permute(0, 2, 1, 3))
-    out = out.view(num_seqs, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
-    out = out.reshape(num_seqs, max_q, num_heads, head_dim)
+    # One fused SDPA call (GQA without repeating K/V); padded query rows come out as garbage and are
+    # dropped by the final gather.
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed[:, None],
+        scale=scale, enable_gqa=group > 1,
+    )
+    out = out.transpose(1, 2)  # [num_seqs, max_q, num_heads, head_dim]
     return out[seq_of_token, row]
 
 
