@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import ipaddress
 import random
-import socket
 import statistics
 import sys
 import time
@@ -43,13 +42,18 @@ class Outcome:
     latency_s: float = 0.0
     tokens: int = 0
     detail: str = ""
+    retry_after_s: float = 1.0
 
 
 def check_loopback(base_url: str) -> None:
+    """Refuse anything but localhost or a literal loopback address (no name is looked up)."""
     host = urlparse(base_url).hostname or ""
-    addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
-        sys.exit(f"soak.py only talks to a server on this machine (loopback); {host} is {sorted(addresses)}")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        sys.exit(f"soak.py only talks to a server on this machine: give localhost, 127.x.x.x or [::1], not {host!r}")
 
 
 async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, frozenset], float]:
@@ -88,18 +92,19 @@ def make_body(rng: random.Random, model: str, kind: str) -> dict:
 
 
 async def one_request(client: httpx.AsyncClient, rng: random.Random, model: str, kind: str, cancel: bool,
-                      retries: int = 5) -> Outcome:
+                      retry_for_s: float) -> Outcome:
+    """One request as a well-behaved client sends it: a 429 is retried after Retry-After, for a while."""
     path = "/v1/chat/completions" if kind.startswith("chat") else "/v1/completions"
     body = make_body(rng, model, kind)
     start = time.monotonic()
-    for _ in range(retries):
+    while True:
         if body["stream"]:
             outcome = await _streamed(client, path, body, kind, rng.randint(1, 6) if cancel else None)
         else:
             outcome = await _plain(client, path, body, kind, rng.uniform(0.02, 0.8) if cancel else None)
-        if outcome.status != "rejected":
+        if outcome.status != "rejected" or time.monotonic() - start > retry_for_s:
             break
-        await asyncio.sleep(1.0)  # the server's Retry-After
+        await asyncio.sleep(outcome.retry_after_s)
     outcome.latency_s = time.monotonic() - start
     return outcome
 
@@ -110,7 +115,7 @@ async def _plain(client, path, body, kind, cancel_after_s) -> Outcome:
     except asyncio.TimeoutError:
         return Outcome(kind, "cancelled")  # the connection is dropped: the server must abort the request
     if response.status_code == 429:
-        return Outcome(kind, "rejected")
+        return Outcome(kind, "rejected", retry_after_s=float(response.headers.get("retry-after", 1)))
     if response.status_code != 200:
         return Outcome(kind, "failed", detail=f"{response.status_code} {response.text[:200]}")
     data = response.json()
@@ -123,7 +128,7 @@ async def _streamed(client, path, body, kind, cancel_after_chunks) -> Outcome:
     chunks, finished, done = 0, False, False
     async with client.stream("POST", path, json=body) as response:
         if response.status_code == 429:
-            return Outcome(kind, "rejected")
+            return Outcome(kind, "rejected", retry_after_s=float(response.headers.get("retry-after", 1)))
         if response.status_code != 200:
             return Outcome(kind, "failed", detail=f"{response.status_code} {(await response.aread())[:200]!r}")
         async for line in response.aiter_lines():
@@ -143,13 +148,13 @@ async def _streamed(client, path, body, kind, cancel_after_chunks) -> Outcome:
     return Outcome(kind, "ok", tokens=chunks)
 
 
-async def run_batch(client, rng, model, kinds, n, concurrency, cancel_rate) -> list[Outcome]:
+async def run_batch(client, rng, model, kinds, n, concurrency, cancel_rate, retry_for_s) -> list[Outcome]:
     semaphore = asyncio.Semaphore(concurrency)
     plans = [(rng.choice(kinds), rng.random() < cancel_rate, random.Random(rng.random())) for _ in range(n)]
 
     async def limited(kind, cancel, request_rng):
         async with semaphore:
-            return await one_request(client, request_rng, model, kind, cancel)
+            return await one_request(client, request_rng, model, kind, cancel, retry_for_s)
 
     return await asyncio.gather(*[limited(*plan) for plan in plans])
 
@@ -172,11 +177,12 @@ async def soak(args: argparse.Namespace) -> int:
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=args.request_timeout, limits=limits) as client:
         paths = (await client.get("/openapi.json")).json()["paths"]
         kinds = ["chat", "chat-stream"] + (["completion", "completion-stream"] if "/v1/completions" in paths else [])
-        await run_batch(client, rng, args.model, kinds, args.warmup, args.concurrency, args.cancel_rate)
+        await run_batch(client, rng, args.model, kinds, args.warmup, args.concurrency, args.cancel_rate, args.retry_for)
         before = await wait_idle(client)
         rss_before = rss_bytes(before, args.pid)
         start = time.monotonic()
-        outcomes = await run_batch(client, rng, args.model, kinds, args.requests, args.concurrency, args.cancel_rate)
+        outcomes = await run_batch(client, rng, args.model, kinds, args.requests, args.concurrency, args.cancel_rate,
+                                   args.retry_for)
         elapsed = time.monotonic() - start
         after = await wait_idle(client)
         rss_after = rss_bytes(after, args.pid)
@@ -227,6 +233,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--cancel-rate", type=float, default=0.2, help="fraction of requests the client abandons")
     parser.add_argument("--request-timeout", type=float, default=300.0)
+    parser.add_argument("--retry-for", type=float, default=120.0, help="seconds a request retries 429s (Retry-After)")
     parser.add_argument("--max-rss-growth-mb", type=float, default=64.0)
     parser.add_argument("--pid", type=int, default=None, help="read RSS with psutil (default: /metrics process metrics)")
     parser.add_argument("--api-key", default=None)

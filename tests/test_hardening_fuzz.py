@@ -19,7 +19,7 @@ from schemathesis.checks import not_a_server_error
 
 from conftest import LiveServer
 
-EXAMPLES = {GenerationMode.POSITIVE: 20, GenerationMode.NEGATIVE: 10}  # per operation, at most
+EXAMPLES = {GenerationMode.POSITIVE: 30, GenerationMode.NEGATIVE: 15}  # per operation, at most
 REQUEST_TIMEOUT_S = 30  # a request that takes longer counts as a hang
 BUDGET_S = 90  # the whole run; each operation gets its share, so a slow machine fuzzes fewer examples
 

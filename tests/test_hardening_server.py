@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import threading
+import time
 from unittest import mock
 
 import httpx
@@ -33,7 +34,7 @@ def server(tiny_repos, tokenizer, tmp_path_factory):
     with mock.patch.dict(os.environ, {"TRANSERVE_API_KEY": KEY}):  # the key from the environment, as documented
         srv = LiveServer("--no-preload", "--trust-remote-code", "--num-kv-blocks", str(NUM_KV_BLOCKS),
                          "--max-num-seqs", "4", "--max-queued-requests", "4", "--max-num-batched-tokens", "128",
-                         "--allowed-origins", ORIGIN, "--max-request-bytes", "65536")
+                         "--allowed-origins", ORIGIN, "--max-request-bytes", "65536", "--shutdown-timeout", "3")
     for model in ("tiny/llama", "tiny/faulty"):
         assert chat(srv, model=model, max_tokens=1).status_code == 200
     yield srv
@@ -143,7 +144,7 @@ def test_a_burst_past_the_queue_bound_gets_429s_and_the_rest_complete(server):
     async def burst():
         async with httpx.AsyncClient(base_url=server.base_url, headers=AUTH, timeout=120) as client:
             return await asyncio.gather(*[client.post("/v1/chat/completions", json={
-                "model": "tiny/llama", "messages": [{"role": "user", "content": f"Burst {i}"}], "max_tokens": 8,
+                "model": "tiny/llama", "messages": [{"role": "user", "content": f"Burst {i}"}], "max_tokens": 16,
                 "ignore_eos": True}) for i in range(16)])
 
     replies = asyncio.run(burst())
@@ -154,7 +155,7 @@ def test_a_burst_past_the_queue_bound_gets_429s_and_the_rest_complete(server):
     for r in rejected:
         assert r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "rate_limit_error"
-    assert all(r.json()["choices"][0]["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 8 for r in ok)
+    assert all(r.json()["choices"][0]["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 16 for r in ok)
     assert metric(server.base_url, "transerve_requests_rejected_total", model="tiny/llama") == len(rejected)
     assert wait_until(lambda: kv_used(server) == 0)
 
@@ -202,19 +203,26 @@ def test_a_failed_model_step_fails_its_requests_and_the_server_keeps_serving(ser
     assert server.output().count("model step failed; failing") == 2
 
 
-def test_sigterm_lets_a_streaming_request_finish_then_exits_0(server):
-    lines: list[str] = []
+def test_sigterm_drains_in_flight_streams_within_the_bound_then_exits_0(server):
+    """The short stream finishes normally; the long one may outlast --shutdown-timeout (3 s) and is then
+    cut; either way the server stops accepting at once and exits 0 soon after the bound."""
+    lines: dict[str, list[str]] = {"short": [], "long": []}
 
-    def stream() -> None:
-        with httpx.stream("POST", server.base_url + "/v1/chat/completions", headers=AUTH, timeout=120, json={
-            "model": "tiny/llama", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 40, "ignore_eos": True,
-            "stream": True,
-        }) as response:
-            lines.extend(line for line in response.iter_lines() if line)
+    def stream(name: str, max_tokens: int) -> None:
+        try:
+            with httpx.stream("POST", server.base_url + "/v1/chat/completions", headers=AUTH, timeout=120, json={
+                "model": "tiny/llama", "messages": [{"role": "user", "content": name}], "max_tokens": max_tokens,
+                "ignore_eos": True, "stream": True,
+            }) as response:
+                lines[name].extend(line for line in response.iter_lines() if line)
+        except httpx.TransportError:
+            lines[name].append("cut")
 
-    reader = threading.Thread(target=stream)
-    reader.start()
-    assert wait_until(lambda: len(lines) >= 2, timeout=60)
+    readers = [threading.Thread(target=stream, args=args) for args in (("short", 8), ("long", 160))]
+    for reader in readers:
+        reader.start()
+    assert wait_until(lambda: all(len(v) >= 2 for v in lines.values()), timeout=60)
+    sigterm_at = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
 
     def refused() -> bool:
@@ -224,8 +232,11 @@ def test_sigterm_lets_a_streaming_request_finish_then_exits_0(server):
             return True
         return False
 
-    assert wait_until(refused, timeout=10), "still accepting connections after SIGTERM"
-    reader.join(120)
-    assert lines[-1] == "data: [DONE]", lines[-3:]
-    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
-    assert server.proc.wait(60) == 0, server.output()
+    assert wait_until(refused, timeout=5), "still accepting connections after SIGTERM"
+    for reader in readers:
+        reader.join(60)
+    assert lines["short"][-1] == "data: [DONE]", lines["short"][-3:]
+    assert json.loads(lines["short"][-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert not any(reader.is_alive() for reader in readers)  # the long stream ended too, whole or cut
+    assert server.proc.wait(30) == 0, server.output()
+    assert time.monotonic() - sigterm_at < 3 + 15  # the bound, plus the actors' own drain
