@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from quart import Blueprint, current_app, jsonify
 
@@ -14,7 +15,7 @@ from transerve.actors.messages import OutputOptions, RequestError, RequestEvent,
 from transerve.http.errors import OpenAIError, error_body
 from transerve.http.fields import check_fields
 from transerve.http.output import (
-    Choice, closing, collect, first_event, logprob_entries, total_usage, usage_dict,
+    Choice, collect, first_event, logprob_entries, total_usage, usage_dict,
 )
 from transerve.http.params import MAX_LOGPROBS, boolean, choice_params, json_body, number, parse_messages, sampling
 from transerve.http.sse import SSE_HEADERS, sse
@@ -143,7 +144,7 @@ async def _stream(meta: dict, first: RequestEvent, events: AsyncIterator[Request
     usages: list[Usage | None] = [None] * n
     for index in range(n):
         yield chunk(index, {"role": "assistant", "content": ""})
-    async with closing(events):
+    async with aclosing(events):
         event = first
         while event is not None:
             if isinstance(event, RequestError):

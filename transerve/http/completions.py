@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from quart import Blueprint, current_app, jsonify
 
@@ -14,7 +15,7 @@ from transerve.actors.messages import RequestError, RequestEvent, TokenLogprob, 
 from transerve.http.chat import stream_options
 from transerve.http.errors import OpenAIError, error_body
 from transerve.http.fields import check_fields
-from transerve.http.output import closing, collect, finite, first_event, total_usage, usage_dict
+from transerve.http.output import collect, finite, first_event, total_usage, usage_dict
 from transerve.http.params import MAX_LOGPROBS, boolean, choice_params, json_body, number, sampling
 from transerve.http.sse import SSE_HEADERS, sse
 
@@ -116,7 +117,7 @@ async def _stream(meta: dict, first: RequestEvent, events: AsyncIterator[Request
     for index, text in enumerate(echoes):
         if text:
             yield chunk(index, text, None, None)
-    async with closing(events):
+    async with aclosing(events):
         event = first
         while event is not None:
             if isinstance(event, RequestError):

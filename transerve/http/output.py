@@ -1,9 +1,10 @@
-"""What the endpoints share about answers: collecting a choice's events, usage, logprobs, SSE closing."""
+"""What the endpoints share about answers: collecting a choice's events, usage, logprobs."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from transerve.actors.messages import RequestError, RequestEvent, TextDelta, TokenLogprob, ToolCallDelta, Usage
@@ -17,19 +18,6 @@ async def first_event(events: AsyncIterator[RequestEvent]) -> RequestEvent:
         await events.aclose()
         raise OpenAIError(event.message, event.status_code, event.param)
     return event
-
-
-class closing:
-    """Close the engine's event iterator however a stream ends, which aborts unfinished requests."""
-
-    def __init__(self, events: AsyncIterator) -> None:
-        self.events = events
-
-    async def __aenter__(self):
-        return self.events
-
-    async def __aexit__(self, *exc) -> None:
-        await self.events.aclose()
 
 
 @dataclass
@@ -71,7 +59,7 @@ def add_tool_delta(calls: list[ToolCall], delta: ToolCallDelta) -> None:
 async def collect(events: AsyncIterator[RequestEvent], count: int, first: RequestEvent | None = None) -> list[Choice]:
     """Every choice's answer (`first` already taken from `events`); a failure of any choice fails the request."""
     choices = [Choice() for _ in range(count)]
-    async with closing(events):
+    async with aclosing(events):
         event = first if first is not None else await anext(events, None)
         while event is not None:
             if isinstance(event, RequestError):

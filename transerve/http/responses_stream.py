@@ -9,9 +9,10 @@ started ends it with `response.failed`, never with a cut connection.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from transerve.actors.messages import RequestError, RequestEvent, TextDelta
-from transerve.http.output import closing, logprob_entries
+from transerve.http.output import logprob_entries
 from transerve.http.response_items import finished, function_item, message_item, new_id, reasoning_item
 from transerve.http.sse import sse
 
@@ -114,7 +115,7 @@ async def stream_response(base: dict, first: RequestEvent, events: AsyncIterator
     state = ResponseStream(base, logprobs)
     yield state.event("response.created", response={**base, "status": "queued"})
     yield state.event("response.in_progress", response={**base, "status": "in_progress"})
-    async with closing(events):
+    async with aclosing(events):
         event = first
         while event is not None:
             if isinstance(event, RequestError):
