@@ -162,3 +162,20 @@ def test_reference_same_signature_and_out_argument():
     result = paged_attention_ref(batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
                                  batch.query_start_loc, batch.scale, out=out)
     assert result is out and not out.isnan().any()
+
+
+def test_reference_replans_when_the_step_metadata_changes():
+    """The reference reuses its index plan across the layers of a step; a new step (new tensors, or
+    the same tensors refilled in place) must get a new plan, never the previous step's."""
+    batch = paged_batch([1, 1, 5], [7, 30, 2], 4, 2, 64, 16, torch.float32)
+    args = (batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, batch.scale)
+    first = paged_attention_ref(batch.query, *args)
+    torch.testing.assert_close(paged_attention_ref(batch.query, *args), first, atol=0, rtol=0)
+    # Shorten the second sequence in place: its last position drops out of its context.
+    batch.seq_lens[1] -= 1
+    shorter = paged_attention_ref(batch.query, *args)
+    fresh = paged_attention_ref(batch.query, batch.k_cache, batch.v_cache, batch.block_tables.clone(),
+                                batch.seq_lens.clone(), batch.query_start_loc.clone(), batch.scale)
+    torch.testing.assert_close(shorter, fresh, atol=0, rtol=0)
+    assert (shorter[1] - first[1]).abs().max() > 1e-3  # the other sequences only see different padding:
+    torch.testing.assert_close(shorter[[0, 2, 3, 4, 5, 6]], first[[0, 2, 3, 4, 5, 6]])

@@ -12,6 +12,7 @@ Shapes used throughout:
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -28,17 +29,80 @@ def write_kv_ref(
     slot_mapping: torch.Tensor,  # [num_tokens] int64: block * block_size + offset; -1 skips the token
 ) -> None:
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = key[keep].to(k_cache.dtype)
-    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = value[keep].to(v_cache.dtype)
+    if bool((slot_mapping < 0).any()):  # rare (padding): select only then, it costs three more ops
+        keep = slot_mapping >= 0
+        slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
+    slot_mapping = slot_mapping.long()
+    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
-def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[num_seqs, max_blocks * block_size, num_kv_heads, head_dim]: each sequence's cache, padded."""
-    num_seqs, max_blocks = block_tables.shape
-    _, block_size, num_kv_heads, head_dim = cache.shape
-    return cache[block_tables.long()].view(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
+class _Group(NamedTuple):
+    """Sequences attended together: their query tokens padded to [num_seqs, max_q], and where each
+    padded row reads its context from (token slots into the flattened cache)."""
+
+    token_idx: torch.Tensor  # [num_group_tokens] int64: rows of `query` / `out`
+    seq_of_token: torch.Tensor  # [num_group_tokens] int64: which padded sequence each token is in
+    row: torch.Tensor  # [num_group_tokens] int64: its index among that sequence's queries
+    slots: torch.Tensor  # [num_seqs, ctx_len] int64: cache slot of every context position
+    allowed: torch.Tensor  # [num_seqs, 1, max_q, ctx_len] bool: causal (and sliding-window) mask
+
+
+_last_plans: list = [None]  # one entry: (weakrefs and versions of the metadata, {(block_size, window): plan})
+
+
+def _plan(block_tables, seq_lens, query_start_loc, block_size: int, sliding_window: int | None) -> list[_Group]:
+    """Index and mask tensors for one step, built once and reused by every layer.
+
+    A step calls attention once per layer with the very same metadata tensors, so plans are keyed by
+    their identity and version: weak references, so a freed tensor never matches even if its id is
+    reused, and versions, so a tensor refilled in place does not either."""
+    metadata = (block_tables, seq_lens, query_start_loc)
+    entry = _last_plans[0]
+    if entry is None or not all(ref() is t and version == _version(t) for (ref, version), t in zip(entry[0], metadata)):
+        entry = (tuple((weakref.ref(t), _version(t)) for t in metadata), {})
+        _last_plans[0] = entry
+    key = (block_size, sliding_window)  # layers may differ in window (Gemma, Mistral): one plan each
+    if key not in entry[1]:
+        entry[1][key] = _build_plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window)
+    return entry[1][key]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    # Inference-mode tensors (the model runner's) have no version counter; they are built per step.
+    return None if t.is_inference() else t._version
+
+
+def _build_plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window) -> list[_Group]:
+    """All single-token decodes form one group; each prefill chunk is one more, so padding never
+    multiplies a long prompt by the batch size."""
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
+    prefills = [[i] for i in range(len(lens)) if starts[i + 1] - starts[i] > 1]
+    return [_group(seqs, starts, lens, block_tables, block_size, sliding_window)
+            for seqs in ([decodes] if decodes else []) + prefills]
+
+
+def _group(seqs, starts, lens, block_tables, block_size, sliding_window) -> _Group:
+    device = block_tables.device
+    q_lens = [starts[i + 1] - starts[i] for i in seqs]
+    max_q, ctx_len = max(q_lens), max(lens[i] for i in seqs)
+    seq_lens = torch.tensor([lens[i] for i in seqs], device=device)
+    k_pos = torch.arange(ctx_len, device=device)
+    # Positions past a sequence's end read its position 0 instead of whatever the cache holds there
+    # (NaN in the tests): masked out either way, but a NaN value times probability 0 is still NaN.
+    pos = torch.where(k_pos[None, :] < seq_lens[:, None], k_pos[None, :], 0)
+    tables = block_tables[torch.tensor(seqs, device=device)].long()
+    slots = tables.gather(1, pos // block_size) * block_size + pos % block_size
+    q_pos = (seq_lens - torch.tensor(q_lens, device=device))[:, None] + torch.arange(max_q, device=device)[None, :]
+    allowed = k_pos[None, None, :] <= q_pos[:, :, None]
+    if sliding_window is not None:
+        allowed &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    token_idx = torch.tensor([starts[i] + r for i, n in zip(seqs, q_lens) for r in range(n)], device=device)
+    seq_of_token = torch.tensor([s for s, n in enumerate(q_lens) for _ in range(n)], device=device)
+    row = torch.tensor([r for n in q_lens for r in range(n)], device=device)
+    return _Group(token_idx, seq_of_token, row, slots, allowed[:, None])
 
 
 def paged_attention_ref(
@@ -52,82 +116,32 @@ def paged_attention_ref(
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]: written in place when given
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Causal attention of each sequence's new queries over its cached context (new tokens included).
-
-    All single-token decodes are one batched computation; each prefill chunk is one more, so padding
-    never multiplies a long prompt by the batch size."""
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    block_size = k_cache.shape[1]
+    """Causal attention of each sequence's new queries over its cached context (new tokens included):
+    one SDPA call per group of sequences, over their context gathered token by token from the cache."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_heads = query.shape[1]
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
-    if decodes:
-        idx = torch.tensor(decodes, device=query.device)
-        num_blocks = -(-max(lens[i] for i in decodes) // block_size)
-        q_loc = torch.arange(len(decodes) + 1, device=query.device, dtype=query_start_loc.dtype)
-        token_idx = query_start_loc[idx].long()
-        out[token_idx] = _attend_padded(
-            query[token_idx], k_cache, v_cache, block_tables[idx, :num_blocks], seq_lens[idx], q_loc, scale, sliding_window
+    k_flat = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    v_flat = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    for g in _plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window):
+        num_seqs, max_q = g.allowed.shape[0], g.allowed.shape[2]
+        if max_q == 1:  # decodes: no padding to do
+            q = query[g.token_idx][:, :, None]
+        else:
+            q = query.new_zeros(num_seqs, max_q, num_heads, head_dim)
+            q[g.seq_of_token, g.row] = query[g.token_idx]
+            q = q.transpose(1, 2)
+        # index_select, not advanced indexing: 2-4x faster on CPU. [num_seqs, kv_heads, ctx_len, head_dim]
+        keys = k_flat.index_select(0, g.slots.view(-1)).view(*g.slots.shape, num_kv_heads, head_dim)
+        values = v_flat.index_select(0, g.slots.view(-1)).view(*g.slots.shape, num_kv_heads, head_dim)
+        keys, values = keys.to(query.dtype).transpose(1, 2), values.to(query.dtype).transpose(1, 2)
+        # GQA without repeating K/V; padded query rows come out as garbage and are dropped below.
+        result = torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=g.allowed, scale=scale, enable_gqa=num_heads != num_kv_heads,
         )
-    for i in range(len(lens)):
-        if starts[i + 1] - starts[i] > 1:
-            num_blocks = -(-lens[i] // block_size)
-            q_loc = query_start_loc[i : i + 2] - starts[i]
-            out[starts[i] : starts[i + 1]] = _attend_padded(
-                query[starts[i] : starts[i + 1]], k_cache, v_cache, block_tables[i : i + 1, :num_blocks],
-                seq_lens[i : i + 1], q_loc, scale, sliding_window,
-            )
+        out[g.token_idx] = result[:, :, 0] if max_q == 1 else result.transpose(1, 2)[g.seq_of_token, g.row]
     return out
-
-
-def _attend_padded(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    sliding_window: int | None,
-) -> torch.Tensor:
-    """paged_attention_ref for sequences padded to the longest query, in a few batched matmuls."""
-    num_tokens, num_heads, head_dim = query.shape
-    num_seqs = block_tables.shape[0]
-    group = num_heads // k_cache.shape[2]
-    device = query.device
-    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
-    max_q = int(q_lens.max())
-    seq_lens = seq_lens.long()
-
-    # Pad queries to [num_seqs, max_q]; `row` is each query's index inside its sequence.
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=num_tokens)
-    row = torch.arange(num_tokens, device=device) - query_start_loc[:-1].long()[seq_of_token]
-    q = query.new_zeros(num_seqs, max_q, num_heads, head_dim)
-    q[seq_of_token, row] = query
-
-    keys = _gather_context(k_cache, block_tables).to(query.dtype)
-    values = _gather_context(v_cache, block_tables).to(query.dtype)
-    ctx_len = keys.shape[1]
-    # Slots past a sequence's end hold whatever the cache had (NaN in the tests): zero them, since
-    # masking adds -inf to a NaN score and a probability of 0 times a NaN value is still NaN.
-    beyond = (torch.arange(ctx_len, device=device)[None, :] >= seq_lens[:, None])[:, :, None, None]
-    keys = keys.masked_fill(beyond, 0.0)
-    values = values.masked_fill(beyond, 0.0)
-
-    q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]  # [num_seqs, max_q]
-    k_pos = torch.arange(ctx_len, device=device)
-    allowed = k_pos[None, None, :] <= q_pos[:, :, None]
-    if sliding_window is not None:
-        allowed &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-    # One fused SDPA call (GQA without repeating K/V); padded query rows come out as garbage and are
-    # dropped by the final gather.
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed[:, None],
-        scale=scale, enable_gqa=group > 1,
-    )
-    out = out.transpose(1, 2)  # [num_seqs, max_q, num_heads, head_dim]
-    return out[seq_of_token, row]
 
 
 def uniform_noise_ref(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
