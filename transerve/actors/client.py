@@ -38,6 +38,7 @@ class GenerateRequest:
     chat_template_kwargs: tuple[tuple[str, Any], ...] = ()
     tools: tuple[dict[str, Any], ...] | None = None
     output: OutputOptions = OutputOptions()
+    images: tuple[Any, ...] = ()  # decoded images for the messages' image parts
 
 
 class EngineClient:
@@ -47,6 +48,7 @@ class EngineClient:
         self.vocab_size = loaded.vocab_size
         self.generation_defaults = loaded.generation_defaults
         self.tokenizer = loaded.tokenizer  # for the HTTP layer's own small needs (echo of token prompts)
+        self.accepts_images = loaded.image_prompts is not None
         self.created = int(time.time())
         self.loaded = loaded
         self.in_flight = 0  # HTTP requests inside generate(); an engine with some is never unloaded
@@ -80,7 +82,7 @@ class EngineClient:
                             tokenize = TokenizeRequest(
                                 request_id, r.sampling_params, r.stop, sink.clone(), messages=r.messages, prompt=r.prompt,
                                 chat_template_kwargs=r.chat_template_kwargs, index=index,
-                                prompt_token_ids=r.prompt_token_ids, tools=r.tools, output=r.output,
+                                prompt_token_ids=r.prompt_token_ids, tools=r.tools, output=r.output, images=r.images,
                             )
                             await self._tokenizer_inbox.send((tokenize, r.max_tokens_given))
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):

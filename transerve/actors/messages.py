@@ -34,6 +34,7 @@ class TokenizeRequest:
     prompt_token_ids: tuple[int, ...] | None = None  # a completion prompt given as token ids
     tools: tuple[dict[str, Any], ...] | None = None  # OpenAI function tools, for the chat template
     output: OutputOptions = OutputOptions()
+    images: tuple[Any, ...] = ()  # decoded PIL images, in the order of the messages' image parts
 
 
 # tokenizer -> detokenizer: the output parser's settings, resolved against the model's template
@@ -61,6 +62,7 @@ class TokenizedRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling_params: SamplingParams
+    multimodal: Any = None  # a MultimodalPrompt (engine/multimodal.py) when the prompt has images
 
 
 # client -> scheduler: the client went away, a stop string matched, or tokenization failed

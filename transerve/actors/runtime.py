@@ -42,6 +42,7 @@ class LoadedModel:
     generation_defaults: dict[str, Any]
     max_model_len: int
     vocab_size: int = 0  # rows of the LM head: the token ids logit_bias may name
+    image_prompts: Any = None  # a VLM's ImagePrompts (media/processor.py); None: requests with images get a 400
 
 
 def load(spec: str, config: EngineConfig, allow_download: bool, allow_local_paths: bool = True) -> LoadedModel:
@@ -69,7 +70,12 @@ def load(spec: str, config: EngineConfig, allow_download: bool, allow_local_path
              config.cache.block_size, max_model_len)
     head = model.get_output_embeddings()
     vocab_size = head.weight.shape[0] if head is not None else text_config.vocab_size
-    return LoadedModel(spec, tokenizer, runner, core, frozenset(eos_ids), defaults, max_model_len, vocab_size)
+    image_prompts = None
+    if runner.multimodal is not None:
+        from transerve.media.processor import ImagePrompts
+
+        image_prompts = ImagePrompts.load(path, tokenizer, model, config.trust_remote_code)
+    return LoadedModel(spec, tokenizer, runner, core, frozenset(eos_ids), defaults, max_model_len, vocab_size, image_prompts)
 
 
 async def start_engine(task_group: TaskGroup, loaded: LoadedModel, mailbox_size: int,
@@ -80,7 +86,8 @@ async def start_engine(task_group: TaskGroup, loaded: LoadedModel, mailbox_size:
     result_send, result_recv = anyio.create_memory_object_stream(1)
     detok_send, detok_recv = anyio.create_memory_object_stream(mailbox_size)
     scheduler = SchedulerActor(loaded.core, loaded.eos_token_ids, sched_recv, exec_send, result_recv, detok_send.clone())
-    task_group.start_soon(tokenizer_actor, loaded.tokenizer, loaded.max_model_len, tok_recv, detok_send, sched_send)
+    task_group.start_soon(tokenizer_actor, loaded.tokenizer, loaded.max_model_len, tok_recv, detok_send, sched_send,
+                          loaded.image_prompts)
     task_group.start_soon(scheduler.run)
     task_group.start_soon(executor_actor, loaded.runner, exec_recv, result_send)
     task_group.start_soon(detokenizer_actor, loaded.tokenizer, detok_recv)

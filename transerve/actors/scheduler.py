@@ -77,6 +77,7 @@ class SchedulerActor:
             sampling_params=params,
             seed=params.seed if params.seed is not None else random.getrandbits(62),
             eos_token_ids=self.eos_token_ids,
+            multimodal=message.multimodal,
         )
         if not self.core.add_request(request):
             await self.to_detokenizer.send(RequestFailed(

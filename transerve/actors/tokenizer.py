@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from transerve.actors.messages import (
@@ -87,8 +88,11 @@ async def tokenizer_actor(
     inbox: ObjectReceiveStream[tuple[TokenizeRequest, bool] | Abort],
     to_detokenizer: ObjectSendStream[OpenStream],
     to_scheduler: ObjectSendStream[TokenizedRequest | Abort],
+    image_prompts=None,
 ) -> None:
-    """Aborts pass through here too, so an abort never overtakes the request it cancels."""
+    """Aborts pass through here too, so an abort never overtakes the request it cancels.
+
+    `image_prompts` (media/processor.py) prepares a VLM's prompts with images, in a worker thread."""
     specs = ParserSpecs(tokenizer)
     async with inbox, to_detokenizer, to_scheduler:
         async for message in inbox:
@@ -96,8 +100,14 @@ async def tokenizer_actor(
                 await to_scheduler.send(message)
                 continue
             request, max_tokens_given = message
+            multimodal = None
             try:
-                ids, prompt_text = tokenize(tokenizer, request)
+                if request.images:
+                    if image_prompts is None:
+                        raise TokenizerError("this model does not accept images", "messages")
+                    ids, prompt_text, multimodal = await anyio.to_thread.run_sync(image_prompts.build, request)
+                else:
+                    ids, prompt_text = tokenize(tokenizer, request)
                 params = fit_to_context(ids, request, max_model_len, max_tokens_given)
                 parser = specs.spec(request.output, prompt_text)
             except TokenizerError as exc:
@@ -108,7 +118,7 @@ async def tokenizer_actor(
                 await _fail(request, RequestError(f"tokenization failed: {exc}", 500, index=request.index))
                 continue
             await to_detokenizer.send(OpenStream(request.request_id, request.stop, request.sink, request.index, parser))
-            await to_scheduler.send(TokenizedRequest(request.request_id, tuple(ids), params))
+            await to_scheduler.send(TokenizedRequest(request.request_id, tuple(ids), params, multimodal))
 
 
 async def _fail(request: TokenizeRequest, error: RequestError) -> None:

@@ -38,6 +38,14 @@ class BlockManager:
         self.ref_counts[block_id] = 1
         return block_id
 
+    def _block_hash(self, request: Request, i: int, prev_hash: int) -> int:
+        start, end = i * self.block_size, (i + 1) * self.block_size
+        key = (prev_hash, tuple(request.token_ids(start, end)))
+        if request.multimodal is not None:
+            # Image placeholder tokens are the same for every image: the images themselves are part of the key.
+            key += request.multimodal.image_hashes_in(start, end)
+        return hash(key)
+
     def allocate_cached_prefix(self, request: Request) -> None:
         """Attach the cached blocks that match the start of a fresh request's prompt.
 
@@ -48,7 +56,7 @@ class BlockManager:
         prev_hash = 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         for i in range(max_blocks):
-            block_hash = hash((prev_hash, tuple(request.token_ids(i * self.block_size, (i + 1) * self.block_size))))
+            block_hash = self._block_hash(request, i, prev_hash)
             block_id = self.block_of_hash.get(block_hash)
             if block_id is None:
                 break
@@ -78,7 +86,7 @@ class BlockManager:
         num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         prev_hash = request.block_hashes[-1] if request.block_hashes else 0
         for i in range(len(request.block_hashes), num_full):
-            block_hash = hash((prev_hash, tuple(request.token_ids(i * self.block_size, (i + 1) * self.block_size))))
+            block_hash = self._block_hash(request, i, prev_hash)
             block_id = request.block_ids[i]
             request.block_hashes.append(block_hash)
             if block_hash not in self.block_of_hash:

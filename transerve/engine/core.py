@@ -79,6 +79,7 @@ class EngineCore:
                 min_p=params.min_p,
                 seed=request.seed,
                 output_index=request.num_output_tokens,
+                multimodal=request.multimodal,
                 **(_sampling_extras(request) if item.samples else {}),
             ))
         return step, tuple(inputs)

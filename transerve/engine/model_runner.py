@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from transerve.config import EngineConfig
+from transerve.engine.multimodal import MultimodalRunner, is_vision_language
 from transerve.engine.sampling import StepSamples, sample_step
 from transerve.kernels import kernels_for
 
@@ -44,6 +45,7 @@ class SequenceInput:
     prompt_token_ids: tuple[int, ...] = ()  # given only when a penalty is set: penalties count tokens
     output_token_ids: tuple[int, ...] = ()
     num_logprobs: int | None = None
+    multimodal: object = None  # the request's MultimodalPrompt (engine/multimodal.py) when it has images
 
 
 @dataclass
@@ -94,12 +96,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(path: str, config: EngineConfig, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     register_attention()
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, trust_remote_code=config.trust_remote_code
-    )
+    auto_class, attn = AutoModelForCausalLM, ATTN_IMPLEMENTATION
+    if is_vision_language(AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)):
+        # Paged attention is for the language model only; the vision tower attends within each image.
+        auto_class, attn = AutoModelForImageTextToText, {"text_config": ATTN_IMPLEMENTATION, "vision_config": "sdpa"}
+    model = auto_class.from_pretrained(path, dtype=dtype, attn_implementation=attn, trust_remote_code=config.trust_remote_code)
     return model.to(device).eval()
 
 
@@ -120,6 +124,8 @@ class ModelRunner:
         ]
         self.write_kv, self.paged_attention, self.sample = kernels_for(self.device)
         self.graphs = None
+        # A VLM's image half; None for text models, whose steps stay exactly as they were.
+        self.multimodal = MultimodalRunner(model) if is_vision_language(model.config) else None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = self._capture_decode_graphs(text_config, num_kv_heads, head_dim)
 
@@ -167,7 +173,10 @@ class ModelRunner:
             sampled_seqs: list[SequenceInput] = []
         else:
             sampled_seqs = [seq for seq in seqs if seq.sample]
-        if self.graphs is not None and len(input_ids) == len(keep) == len(seqs) and self.graphs.bucket(len(seqs)):
+        mm_inputs = None
+        if self.multimodal is not None:  # image embeddings, M-RoPE positions
+            positions, mm_inputs = self.multimodal.step_inputs(seqs, input_ids, positions, self.device)
+        if mm_inputs is None and self.graphs is not None and len(input_ids) == len(keep) == len(seqs) and self.graphs.bucket(len(seqs)):
             logits = self.graphs.run(input_ids, positions, slots, tables, seq_lens)  # a pure decode step
         else:
             batch = PagedBatch(
@@ -180,8 +189,7 @@ class ModelRunner:
                 paged_attention=self.paged_attention,
             )
             logits = self.model(
-                input_ids=tensor([input_ids], torch.int64),
-                position_ids=tensor([positions], torch.int64),
+                **(mm_inputs or {"input_ids": tensor([input_ids], torch.int64), "position_ids": tensor([positions], torch.int64)}),
                 logits_to_keep=tensor(keep, torch.int64),
                 use_cache=False,
                 paged_batch=batch,

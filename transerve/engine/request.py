@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class RequestStatus(enum.Enum):
@@ -79,6 +80,7 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks, for prefix caching
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache on first admission
     num_preemptions: int = 0
+    multimodal: Any = None  # a MultimodalPrompt (engine/multimodal.py): the prompt's images, opaque here
 
     @property
     def num_prompt_tokens(self) -> int:

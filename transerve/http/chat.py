@@ -14,6 +14,7 @@ from transerve.actors.client import GenerateRequest
 from transerve.actors.messages import OutputOptions, RequestError, RequestEvent, TextDelta, Usage
 from transerve.http.errors import OpenAIError, error_body
 from transerve.http.fields import check_fields
+from transerve.http.images import load_message_images
 from transerve.http.output import (
     Choice, collect, first_event, logprob_entries, total_usage, usage_dict,
 )
@@ -80,11 +81,12 @@ async def chat_completions():
     tools = chat_tools(body)
     include_usage = stream_options(body)
     engine = await current_app.config["MODELS"].get(body.get("model"))
+    messages, images = await load_message_images(messages, engine)
     s = sampling(body, engine, max_tokens_fields=("max_completion_tokens", "max_tokens"), num_logprobs=num_logprobs)
     output = OutputOptions(tools=tools is not None, parallel_tool_calls=boolean(body, "parallel_tool_calls", True), reasoning=True)
     kwargs = chat_template_kwargs(body)
     requests = [GenerateRequest(choice_params(s, i), s.max_tokens_given, messages=tuple(messages), stop=s.stop,
-                                chat_template_kwargs=kwargs, tools=tools, output=output) for i in range(s.n)]
+                                chat_template_kwargs=kwargs, tools=tools, output=output, images=images) for i in range(s.n)]
     events = engine.generate(requests)
     first = await first_event(events)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_id}

@@ -17,6 +17,7 @@ from quart import request
 from transerve.engine.request import SamplingParams
 from transerve.http.errors import OpenAIError
 from transerve.http.genconfig import parse_generation_config
+from transerve.http.images import has_image_parts, image_content
 
 MAX_LOGPROBS = 20
 
@@ -168,7 +169,9 @@ def parse_messages(messages: Any) -> list[dict[str, Any]]:
         if role not in ("system", "developer", "user", "assistant", "tool"):
             raise OpenAIError(f"{param}.role must be system, developer, user, assistant or tool, got {role!r}", 400, f"{param}.role")
         content = message.get("content")
-        if isinstance(content, list):
+        if isinstance(content, list) and has_image_parts(content):
+            content = image_content(content, f"{param}.content")  # kept as parts: the images' places
+        elif isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") not in ("text", "input_text", "output_text"):

@@ -14,6 +14,7 @@ from transerve.actors.messages import OutputOptions
 from transerve.http.chat import chat_template_kwargs
 from transerve.http.errors import OpenAIError
 from transerve.http.fields import check_fields
+from transerve.http.images import load_message_images
 from transerve.http.output import Choice, collect, first_event, logprob_entries
 from transerve.http.params import MAX_LOGPROBS, boolean, json_body, number, parse_messages, sampling
 from transerve.http.response_items import finished, function_item, message_item, new_id, reasoning_item
@@ -115,12 +116,13 @@ async def create_response():
     num_logprobs, effort = _options(body)
     tools = chat_tools(body, flat=True)
     engine = await current_app.config["MODELS"].get(body.get("model"))
+    messages, images = await load_message_images(messages, engine, param="input")
     s = sampling(body, engine, max_tokens_fields=("max_output_tokens",), num_logprobs=num_logprobs)
     if s.n != 1:
         raise OpenAIError("a Response has one output: generation_config.num_return_sequences must be 1", 400, "generation_config")
     output = OutputOptions(tools=tools is not None, parallel_tool_calls=boolean(body, "parallel_tool_calls", True), reasoning=True)
     request = GenerateRequest(s.params, s.max_tokens_given, messages=tuple(messages), stop=s.stop, tools=tools, output=output,
-                              chat_template_kwargs=chat_template_kwargs(body, effort))
+                              chat_template_kwargs=chat_template_kwargs(body, effort), images=images)
     events = engine.generate([request])
     first = await first_event(events)
     base = response_base(body, engine.model_id, s.params.temperature, s.params.top_p, effort)

@@ -1,0 +1,164 @@
+"""Tiny random vision-language models of two families, with their processors, in the private HF cache;
+images to send them; and the oracle: the model's own `generate` on the prompt our processor built.
+
+tiny/qwen2-vl is Qwen2-VL (M-RoPE, a patch grid per image, images of different sizes take different
+numbers of tokens); tiny/llava is LLaVA-1.5 (a CLIP tower, 1-D RoPE, a fixed number of tokens per image).
+Both use SmolLM2's tokenizer with the image tokens added and a small test-owned chat template.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conftest import save_in_hf_cache
+
+QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for c in m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{{ m.role | upper }}: {% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for c in m.content %}{% if c.type == 'image' %}<image>\n{% elif c.type == 'text' %}{{ c.text }}{% endif %}"
+    "{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def build_qwen2_vl(smollm2_dir: str, work: Path) -> Path:
+    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
+    tokenizer.chat_template = QWEN_TEMPLATE
+    start, end, image, video = tokenizer.convert_tokens_to_ids(QWEN_TOKENS)
+    config = Qwen2VLConfig(
+        text_config=dict(**TEXT, vocab_size=len(tokenizer),
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        vision_start_token_id=start, vision_end_token_id=end, image_token_id=image, video_token_id=video,
+        architectures=["Qwen2VLForConditionalGeneration"], tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    # The processor class needs a video processor, which needs torchvision: save its parts and its name.
+    pil.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=168 * 168).save_pretrained(work)
+    (work / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    return save_in_hf_cache("tiny/qwen2-vl", work)
+
+
+def build_llava(smollm2_dir: str, work: Path) -> Path:
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    config = LlavaConfig(
+        text_config=LlamaConfig(**TEXT, vocab_size=len(tokenizer)).to_dict(),
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=56, patch_size=14).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", architectures=["LlavaForConditionalGeneration"],
+    )
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(work)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_TEMPLATE)
+    processor.save_pretrained(work)
+    tokenizer.chat_template = LLAVA_TEMPLATE
+    tokenizer.save_pretrained(work)
+    return save_in_hf_cache("tiny/llava", work)
+
+
+def random_image(seed: int, size: tuple[int, int] = (64, 64)):
+    from PIL import Image
+
+    pixels = np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def image_message(text: str, n_images: int = 1, url: str = "IMAGE") -> list[dict]:
+    """A user turn with n image parts then text, in OpenAI's chat shape."""
+    parts = [{"type": "image_url", "image_url": {"url": url}} for _ in range(n_images)]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def reference_model(path: Path):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path).eval()
+
+
+def hf_greedy_with_images(model, prompt, max_new_tokens: int) -> list[int]:
+    """transformers' generate on the prompt our processor built: ids, and the images' encoder inputs."""
+    ids = torch.tensor([prompt.ids])
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    images = prompt.multimodal.images if prompt.multimodal is not None else ()
+    if images:
+        for name in images[0].encoder_inputs:
+            kwargs[name] = torch.cat([img.encoder_inputs[name] for img in images])
+        if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+            kwargs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
+    with torch.inference_mode():
+        out = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+_built: dict[str, Path] = {}
+
+
+def vlm_repos(smollm2_dir: str, tmp_path_factory) -> dict[str, Path]:
+    """tiny/qwen2-vl and tiny/llava, built once per test session."""
+    if not _built:
+        _built["tiny/qwen2-vl"] = build_qwen2_vl(smollm2_dir, tmp_path_factory.mktemp("qwen2-vl"))
+        _built["tiny/llava"] = build_llava(smollm2_dir, tmp_path_factory.mktemp("llava"))
+    return _built
+
+
+class Prompt:
+    """A chat prompt as the server's tokenizer actor builds it: ids and the engine's MultimodalPrompt."""
+
+    def __init__(self, path: Path, model, messages: list[dict], images: tuple = ()) -> None:
+        from transformers import AutoTokenizer
+
+        from transerve.actors.messages import TokenizeRequest
+        from transerve.engine.request import SamplingParams
+        from transerve.media.processor import ImagePrompts
+
+        prompts = ImagePrompts.load(str(path), AutoTokenizer.from_pretrained(path), model)
+        request = TokenizeRequest("test", SamplingParams(), (), None, messages=tuple(messages), images=images)
+        if images:
+            self.ids, self.text, self.multimodal = prompts.build(request)
+        else:
+            self.text = prompts.render(messages, {})
+            self.ids, self.multimodal = prompts.tokenizer(self.text, add_special_tokens=False)["input_ids"], None
+
+
+def template_parts(text: str, n_images: int) -> list[dict]:
+    """One user turn as the HTTP layer hands it to the chat template: image parts, then the text."""
+    return [{"role": "user", "content": [*([{"type": "image"}] * n_images), {"type": "text", "text": text}]}]
