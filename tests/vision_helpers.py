@@ -2,7 +2,7 @@
 images to send them; and the oracle: the model's own `generate` on the prompt our processor built.
 
 tiny/qwen2-vl is Qwen2-VL (M-RoPE, a patch grid per image, images of different sizes take different
-numbers of tokens); tiny/llava is LLaVA-1.5 (a CLIP tower, 1-D RoPE, a fixed number of tokens per image).
+numbers of tokens), tiny/qwen2.5-vl the same with Qwen2.5-VL's windowed vision tower; tiny/llava is LLaVA-1.5 (a CLIP tower, 1-D RoPE, a fixed number of tokens per image).
 Both use SmolLM2's tokenizer with the image tokens added and a small test-owned chat template.
 """
 
@@ -58,6 +58,31 @@ def build_qwen2_vl(smollm2_dir: str, work: Path) -> Path:
     pil.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=168 * 168).save_pretrained(work)
     (work / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
     return save_in_hf_cache("tiny/qwen2-vl", work)
+
+
+def build_qwen2_5_vl(smollm2_dir: str, work: Path) -> Path:
+    """Qwen2.5-VL: Qwen2-VL's prompt and M-RoPE, a windowed-attention vision tower."""
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
+    tokenizer.chat_template = QWEN_TEMPLATE
+    start, end, image, video = tokenizer.convert_tokens_to_ids(QWEN_TOKENS)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(**TEXT, vocab_size=len(tokenizer),
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3, window_size=56, fullatt_block_indexes=[1]),
+        vision_start_token_id=start, vision_end_token_id=end, image_token_id=image, video_token_id=video,
+        architectures=["Qwen2_5_VLForConditionalGeneration"], tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    pil.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=168 * 168).save_pretrained(work)
+    (work / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}))
+    return save_in_hf_cache("tiny/qwen2.5-vl", work)
 
 
 def build_llava(smollm2_dir: str, work: Path) -> Path:
@@ -133,9 +158,10 @@ _built: dict[str, Path] = {}
 
 
 def vlm_repos(smollm2_dir: str, tmp_path_factory) -> dict[str, Path]:
-    """tiny/qwen2-vl and tiny/llava, built once per test session."""
+    """tiny/qwen2-vl, tiny/qwen2.5-vl and tiny/llava, built once per test session."""
     if not _built:
         _built["tiny/qwen2-vl"] = build_qwen2_vl(smollm2_dir, tmp_path_factory.mktemp("qwen2-vl"))
+        _built["tiny/qwen2.5-vl"] = build_qwen2_5_vl(smollm2_dir, tmp_path_factory.mktemp("qwen2.5-vl"))
         _built["tiny/llava"] = build_llava(smollm2_dir, tmp_path_factory.mktemp("llava"))
     return _built
 

@@ -36,7 +36,13 @@ def _one_of(*schemas: dict) -> dict:
 
 _TEXT_PART = {"type": "object", "required": ["type", "text"],
               "properties": {"type": {"enum": ["text", "input_text", "output_text"]}, "text": _STR}}
-_CONTENT = _one_of(_STR, {"type": "array", "items": _TEXT_PART}, {"type": "null"})
+_IMAGE_URL_PART = {"type": "object", "required": ["type", "image_url"], "properties": {  # vision-language models
+    "type": {"const": "image_url"}, "image_url": {"type": "object", "required": ["url"], "properties": {
+        "url": {"type": "string", "description": "a data: URL (base64) or an http(s) URL"}, "detail": _STR}}}}
+_INPUT_IMAGE_PART = {"type": "object", "required": ["type", "image_url"], "properties": {
+    "type": {"const": "input_image"}, "image_url": {"type": "string", "description": "a data: URL (base64) or an http(s) URL"},
+    "detail": _STR}}
+_CONTENT = _one_of(_STR, {"type": "array", "items": _one_of(_TEXT_PART, _IMAGE_URL_PART)}, {"type": "null"})
 _FUNCTION = {"type": "object", "required": ["name"], "properties": {
     "name": {"type": "string", "minLength": 1, "maxLength": 64}, "description": _STR, "parameters": _OBJ, "strict": _BOOL}}
 _TOOL_CALL = {"type": "object", "required": ["id", "type", "function"], "properties": {
@@ -48,7 +54,7 @@ _MESSAGE = {"type": "object", "required": ["role"], "properties": {
 _INPUT_ITEM = _one_of(
     {"type": "object", "required": ["role", "content"], "properties": {
         "type": {"const": "message"}, "role": {"enum": ["system", "developer", "user", "assistant"]},
-        "content": _one_of(_STR, {"type": "array", "items": _TEXT_PART})}},
+        "content": _one_of(_STR, {"type": "array", "items": _one_of(_TEXT_PART, _INPUT_IMAGE_PART)})}},
     {"type": "object", "required": ["type", "call_id", "name", "arguments"], "properties": {
         "type": {"const": "function_call"}, "call_id": _STR, "name": _STR, "arguments": _STR}},
     {"type": "object", "required": ["type", "call_id", "output"], "properties": {

@@ -51,6 +51,8 @@ class ImagePrompts:
                 log.warning("%s: the processor cannot load (%s) and the image processor alone cannot place images: "
                             "requests with images will be refused", path, exc)
                 return None
+        if processor is not None and getattr(processor, "chat_template", None) and not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = processor.chat_template  # text-only requests render with it too
         rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
         return cls(tokenizer, processor, image_processor, image_token_id, rope_index)
 
