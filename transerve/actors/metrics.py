@@ -15,6 +15,7 @@ from transerve.actors.messages import RequestError, RequestEvent, TextDelta
 
 # Seconds; wide enough for a CPU box and a long answer, fine enough for a GPU's first token.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 
@@ -36,6 +37,13 @@ class EngineMetrics:
                               model, buckets=_PER_TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("transerve_e2e_request_latency_seconds", "From the request reaching the engine to its "
                              "last event", model, buckets=_LATENCY_BUCKETS, registry=r)
+        # Whisper models: how many 30 s windows (and requests) each batched decode took together.
+        self.transcription_batch_windows = Histogram("transerve_transcription_batch_windows", "Audio windows decoded "
+                                                     "together in one batched Whisper generate", model,
+                                                     buckets=_BATCH_BUCKETS, registry=r)
+        self.transcription_batch_requests = Histogram("transerve_transcription_batch_requests", "Transcription "
+                                                      "requests decoded together in one batched Whisper generate", model,
+                                                      buckets=_BATCH_BUCKETS, registry=r)
 
     def track(self, model_id: str, num_choices: int = 1) -> ChoiceTrackers:
         return ChoiceTrackers([RequestTracker(self, model_id) for _ in range(num_choices)])

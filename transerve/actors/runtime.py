@@ -22,10 +22,12 @@ from transerve.actors.executor import executor_actor
 from transerve.actors.metrics import EngineMetrics
 from transerve.actors.scheduler import SchedulerActor
 from transerve.actors.tokenizer import tokenizer_actor
+from transerve.actors.transcriber import TranscriptionEngine, start_transcriber
 from transerve.config import EngineConfig
 from transerve.engine import models
 from transerve.engine.core import EngineCore
 from transerve.engine.model_runner import ModelRunner, choose_num_kv_blocks, load_model, resolve_device, resolve_dtype
+from transerve.engine.whisper import Transcriber, is_speech_to_text, load_transcriber
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,12 @@ class LoadedModel:
     image_prompts: Any = None  # a VLM's ImagePrompts (media/processor.py); None: requests with images get a 400
 
 
-def load(spec: str, config: EngineConfig, allow_download: bool, allow_local_paths: bool = True) -> LoadedModel:
+def load(spec: str, config: EngineConfig, allow_download: bool, allow_local_paths: bool = True) -> LoadedModel | Transcriber:
     resolved = models.resolve(spec, allow_download=allow_download, allow_local_paths=allow_local_paths)
     path = models.materialize(resolved, config.trust_remote_code)
+    if is_speech_to_text(path):  # Whisper: served by the transcriber actor, not the paged text engine
+        device = resolve_device(config.device)
+        return load_transcriber(spec, path, config, device, resolve_dtype(config.dtype, device))
     tokenizer = models.load_tokenizer(resolved, config.trust_remote_code)
     generation_config = models.load_generation_config(resolved)
     device = resolve_device(config.device)
@@ -78,8 +83,10 @@ def load(spec: str, config: EngineConfig, allow_download: bool, allow_local_path
     return LoadedModel(spec, tokenizer, runner, core, frozenset(eos_ids), defaults, max_model_len, vocab_size, image_prompts)
 
 
-async def start_engine(task_group: TaskGroup, loaded: LoadedModel, mailbox_size: int,
-                       metrics: EngineMetrics | None = None) -> EngineClient:
+async def start_engine(task_group: TaskGroup, loaded: LoadedModel | Transcriber, mailbox_size: int,
+                       metrics: EngineMetrics | None = None) -> EngineClient | TranscriptionEngine:
+    if isinstance(loaded, Transcriber):
+        return await start_transcriber(task_group, loaded, mailbox_size, metrics if metrics is not None else EngineMetrics())
     tok_send, tok_recv = anyio.create_memory_object_stream(mailbox_size)
     sched_send, sched_recv = anyio.create_memory_object_stream(mailbox_size)
     exec_send, exec_recv = anyio.create_memory_object_stream(1)
@@ -113,8 +120,9 @@ class Models:
         for engine in list(self.engines.values()):
             await engine.aclose()
 
-    async def get(self, name: str | None) -> EngineClient:
-        """The engine serving `name`; raises models.ModelNotFoundError."""
+    async def get(self, name: str | None, task: str = "text") -> EngineClient | TranscriptionEngine:
+        """The engine serving `name` for `task` ("text" or "transcription"); raises
+        models.ModelNotFoundError, or models.ModelTaskError when the model does the other task."""
         spec = self.forced or name
         if not spec:
             raise models.ModelNotFoundError("no model given; pass `model` in the request")
@@ -134,6 +142,10 @@ class Models:
                 if not lock.locked() and lock.statistics().tasks_waiting == 0 and self._locks.get(spec) is lock:
                     del self._locks[spec]
         engine.touch()  # before any await: an engine handed out is never idle long enough to unload
+        if task == "transcription" and not isinstance(engine, TranscriptionEngine):
+            raise models.ModelTaskError(f"{spec} is a text model; it cannot transcribe audio (use a Whisper model)")
+        if task == "text" and isinstance(engine, TranscriptionEngine):
+            raise models.ModelTaskError(f"{spec} is a speech recognition model: send audio to /v1/audio/transcriptions")
         return engine
 
     async def _run_engine(self, spec: str, loaded: LoadedModel, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:

@@ -25,6 +25,10 @@ class ModelNotFoundError(LookupError):
     """The spec names nothing we can load; the message says what was tried."""
 
 
+class ModelTaskError(ValueError):
+    """The model exists but does something else (a Whisper model asked to chat, a text model to transcribe)."""
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     model_id: str  # the name clients see

@@ -5,9 +5,9 @@ from __future__ import annotations
 from quart import Quart, jsonify
 
 from transerve.actors.runtime import Models
-from transerve.engine.models import ModelNotFoundError
+from transerve.engine.models import ModelNotFoundError, ModelTaskError
 from transerve.config import ServerConfig
-from transerve.http import chat, completions, models_api, openapi, responses
+from transerve.http import chat, completions, models_api, openapi, responses, transcriptions
 from transerve.http.errors import error_body, install_error_handlers
 from transerve.http.metrics import install_metrics
 from transerve.http.middleware import install_guards
@@ -25,10 +25,15 @@ def create_app(models: Models, config: ServerConfig = ServerConfig()) -> Quart:
     app.register_blueprint(completions.bp)
     app.register_blueprint(responses.bp)
     app.register_blueprint(models_api.bp)
+    app.register_blueprint(transcriptions.bp)
     install_error_handlers(app)
 
     @app.errorhandler(ModelNotFoundError)
     async def _model_not_found(exc: ModelNotFoundError):
         return jsonify(error_body(str(exc), 404, "model", "model_not_found")), 404
+
+    @app.errorhandler(ModelTaskError)
+    async def _model_task(exc: ModelTaskError):
+        return jsonify(error_body(str(exc), 400, "model", "model_not_supported")), 400
 
     return app

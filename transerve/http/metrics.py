@@ -16,6 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from quart import Blueprint, Quart, Response, current_app, request
 
+from transerve.actors.transcriber import TranscriptionEngine
+
 bp = Blueprint("metrics", __name__)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -46,6 +48,8 @@ class EngineStateCollector(Collector):
                                                  "failed with 500)", labels=label),
         }
         for name, engine in list(self.models.engines.items()):
+            if isinstance(engine, TranscriptionEngine):
+                continue  # a Whisper model has no scheduler or KV cache (its batches: transerve_transcription_*)
             core = engine.loaded.core
             blocks = core.block_manager
             admission = getattr(engine, "admission", None)
