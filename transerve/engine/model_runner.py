@@ -15,6 +15,7 @@ import torch
 
 from transerve.config import EngineConfig
 from transerve.engine.multimodal import MultimodalRunner, is_vision_language
+from transerve.engine.cpu_linear import use_skinny_linears
 from transerve.engine.sampling import StepSamples, sample_step
 from transerve.kernels import kernels_for
 
@@ -104,7 +105,9 @@ def load_model(path: str, config: EngineConfig, device: torch.device, dtype: tor
         # Paged attention is for the language model only; the vision tower attends within each image.
         auto_class, attn = AutoModelForImageTextToText, {"text_config": ATTN_IMPLEMENTATION, "vision_config": "sdpa"}
     model = auto_class.from_pretrained(path, dtype=dtype, attn_implementation=attn, trust_remote_code=config.trust_remote_code)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    use_skinny_linears(model)  # CPU float32 only: decode batches run up to 2.7x faster
+    return model
 
 
 class ModelRunner:
@@ -196,7 +199,8 @@ class ModelRunner:
             ).logits[0]
         if not sampled_seqs:
             return StepSamples()
-        return sample_step(self.sample, logits.float(), sampled_seqs)
+        # contiguous: the CPU LM head may hand back a transposed view (engine/cpu_linear.py).
+        return sample_step(self.sample, logits.float().contiguous(), sampled_seqs)
 
 
 def kv_shape(text_config) -> tuple[int, int]:
