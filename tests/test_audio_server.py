@@ -118,7 +118,8 @@ def test_verbose_json_srt_vtt_segments_equal_generate(client, whisper_repo, whis
     assert vtt.startswith("WEBVTT\n\n")
     vtt_cues = re.findall(r"(\d\d:\d\d:\d\d\.\d{3}) --> (\d\d:\d\d:\d\d\.\d{3})\n(.*)\n", vtt)
     assert [c[2] for c in vtt_cues] == [s[2] for s in segments]
-    assert [c[1] for c in vtt_cues] == [c[1].replace(",", ".") for c in srt_cues]
+    assert [c[:2] for c in vtt_cues] == [(c[1].replace(",", "."), c[2].replace(",", ".")) for c in srt_cues]
+    assert [float(c[1][-6:].replace(",", ".")) for c in srt_cues] == pytest.approx([s[0] for s in segments], abs=0.0006)
 
 
 def test_flac_and_ogg(client, whisper_repo, whisper_tokenizer, speech, tmp_path):
