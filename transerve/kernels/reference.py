@@ -149,11 +149,16 @@ def uniform_noise_ref(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int)
 
     Integer-only (murmur3's finaliser on 32 bits), so the Triton sampler draws the very same numbers,
     and a request's draws depend on its own seed and position alone, never on its batch."""
+    tokens = torch.arange(vocab_size, device=seeds.device)
+    return _uniform_at(seeds[:, None], steps[:, None], tokens[None, :])
+
+
+def _uniform_at(seeds: torch.Tensor, steps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """uniform_noise_ref's value at (seed, step, token), elementwise over broadcastable int tensors."""
     # Computed in int32 (3x faster than int64 on CPU): multiplication wraps to the same low 32 bits,
     # and right shifts are masked to be logical, so the bits equal the uint32 arithmetic of the kernel.
     x = _as_int32((seeds.long() * 0x9E3779B1 + steps.long() * 0x85EBCA77) & _MASK32)
-    token = _as_int32((torch.arange(vocab_size, device=seeds.device, dtype=torch.long) * 0xC2B2AE3D) & _MASK32)
-    x = x[:, None] ^ token
+    x = x ^ _as_int32((tokens.long() * 0xC2B2AE3D) & _MASK32)
     x ^= (x >> 16) & 0xFFFF
     x *= _as_signed(0x85EBCA6B)
     x ^= (x >> 13) & 0x7FFFF
@@ -250,6 +255,23 @@ def sample_ref(
     return SampleOutput(token_ids, logprobs.gather(1, token_ids[:, None])[:, 0], top_ids, logprobs.gather(1, top_ids))
 
 
+def _top_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, head: int = 1024) -> torch.Tensor:
+    """The head of each row's probabilities sorted descending: enough for every top-k and nucleus.
+
+    Sorting the whole vocabulary is most of a filtered sampling step on CPU; a top-`head` selection is
+    several times cheaper and nearly always holds the nucleus. When some row's nucleus reaches past
+    it (a very flat distribution), the full sort it is."""
+    vocab_size = probs.shape[-1]
+    head = min(vocab_size, max(head, int(top_k.max())))
+    if head == vocab_size:
+        return probs.sort(dim=-1, descending=True).values
+    top = probs.topk(head, dim=-1).values
+    mass_before_last = top.sum(dim=-1) - top[:, -1]
+    if bool(((top_p >= 1) | (mass_before_last >= top_p)).all()):
+        return top
+    return probs.sort(dim=-1, descending=True).values
+
+
 def _choose(logits, temperature, top_k, top_p, min_p, seeds, steps) -> torch.Tensor:
     greedy = logits.argmax(dim=-1)
     if bool((temperature <= 0).all()):
@@ -261,13 +283,22 @@ def _choose(logits, temperature, top_k, top_p, min_p, seeds, steps) -> torch.Ten
     if bool((min_p > 0).any()):
         threshold = torch.maximum(threshold, min_p * probs.max(dim=-1).values)
     if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-        sorted_probs = probs.sort(dim=-1, descending=True).values
+        sorted_probs = _top_probs(probs, top_k, top_p)
         vocab_size = probs.shape[-1]
         kth = sorted_probs.gather(1, (top_k.long().clamp(1, vocab_size) - 1)[:, None])[:, 0]
         threshold = torch.where(top_k > 0, torch.maximum(threshold, kth), threshold)
         # The last token whose preceding mass is under top_p: the top token always qualifies.
-        kept = ((sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p[:, None]).sum(dim=-1).clamp(min=1)
-        pth = sorted_probs.gather(1, (kept - 1)[:, None])[:, 0]
+        in_nucleus = ((sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p[:, None]).sum(dim=-1).clamp(min=1)
+        pth = sorted_probs.gather(1, (in_nucleus - 1)[:, None])[:, 0]
         threshold = torch.where(top_p < 1, torch.maximum(threshold, pth), threshold)
-    race = probs.masked_fill(probs < threshold[:, None], 0.0) / -torch.log(uniform_noise_ref(seeds, steps, probs.shape[-1]))
+    # Greedy rows take no part in the race: their answer is `greedy` whatever it gives.
+    kept = (probs >= threshold[:, None]) & (temperature > 0)[:, None]
+    if int(kept.sum()) * 8 < kept.numel():
+        # Few survivors (top-k, top-p, min-p, or mostly greedy rows): hash noise for them alone, not for
+        # the whole vocabulary of every row. The same values at the same places: the same winner.
+        rows, tokens = kept.nonzero(as_tuple=True)
+        race = torch.zeros_like(probs)
+        race[rows, tokens] = probs[rows, tokens] / -torch.log(_uniform_at(seeds[rows], steps[rows], tokens))
+    else:
+        race = probs.masked_fill(~kept, 0.0) / -torch.log(uniform_noise_ref(seeds, steps, probs.shape[-1]))
     return torch.where(temperature > 0, race.argmax(dim=-1), greedy)
