@@ -56,8 +56,8 @@ _CACHING = {
 }
 
 CHAT = {
-    "messages": Field(HONOURED, "system / developer / user / assistant (with tool_calls) / tool (with tool_call_id); string or "
-                      "text-part content"),
+    "messages": Field(HONOURED, "system / developer / user / assistant (with tool_calls) / tool (with tool_call_id); string, "
+                      "text-part or (vision-language models) image_url-part content"),
     **_SAMPLING,
     **_CACHING,
     "max_completion_tokens": Field(HONOURED, "default: the rest of the context"),
@@ -93,8 +93,8 @@ COMPLETIONS = {
 }
 
 RESPONSES = {
-    "input": Field(HONOURED, "a string, or messages / input items: message, function_call, function_call_output "
-                   "(reasoning items are dropped)"),
+    "input": Field(HONOURED, "a string, or messages / input items: message (with input_text and, for vision-language "
+                   "models, input_image parts), function_call, function_call_output (reasoning items are dropped)"),
     "instructions": Field(HONOURED, "a system message before the input"),
     **_SAMPLING,
     **_CACHING,
