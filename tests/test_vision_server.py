@@ -127,6 +127,17 @@ def test_concurrent_image_and_text_requests_each_match_generate(client, repos, r
         assert reply.choices[0].message.content == expected_text(repos, references, repo, prompt, 12), text
 
 
+def test_text_only_conversation_keeps_every_turn_with_a_parts_only_template(client, repos, references):
+    """llava-hf's templates render content parts only: plain-string turns (system, assistant history)
+    must reach the model as text parts, not vanish from the prompt."""
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one?"}]
+    reply = client.chat.completions.create(model="tiny/llava", messages=messages, temperature=0, max_tokens=8)
+    prompt = Prompt(repos["tiny/llava"], references["tiny/llava"], messages)
+    assert all(m["content"] in prompt.text for m in messages)
+    assert reply.choices[0].message.content == expected_text(repos, references, "tiny/llava", prompt, 8)
+
+
 def test_prefix_cache_does_not_mix_up_images_of_the_same_size(client, repos, references):
     repo = "tiny/qwen2-vl"
     text = "Describe this image in great detail, please, with many words about all you can see in it. " * 2

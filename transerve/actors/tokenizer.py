@@ -23,18 +23,25 @@ class TokenizerError(ValueError):
         self.param = param
 
 
-def tokenize(tokenizer, request: TokenizeRequest) -> tuple[list[int], str]:
-    """The prompt's token ids, and its text when a chat template rendered it (for the output parser)."""
+def tokenize(tokenizer, request: TokenizeRequest, render=None) -> tuple[list[int], str]:
+    """The prompt's token ids, and its text when a chat template rendered it (for the output parser).
+
+    `render(messages, template_kwargs) -> str` replaces the tokenizer's own chat template rendering
+    (a VLM's, whose templates want content parts)."""
     if request.messages is not None:
         if not getattr(tokenizer, "chat_template", None):
             raise TokenizerError("this model has no chat template; use /v1/completions", "messages")
         kwargs = dict(request.chat_template_kwargs)
         if request.tools:
             kwargs["tools"] = list(request.tools)
-        try:
-            text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False, **kwargs)
-        except Exception as exc:  # jinja raises for conversations the template forbids (roles out of order, ...)
-            raise TokenizerError(f"the chat template rejected these messages: {exc}", "messages") from exc
+        if render is not None:
+            text = render(list(request.messages), kwargs)
+        else:
+            try:
+                text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False,
+                                                     **kwargs)
+            except Exception as exc:  # jinja raises for conversations the template forbids (roles out of order, ...)
+                raise TokenizerError(f"the chat template rejected these messages: {exc}", "messages") from exc
         # What apply_chat_template(tokenize=True) does: the template writes the special tokens itself.
         return list(tokenizer(text, add_special_tokens=False)["input_ids"]), text
     if request.prompt_token_ids is not None:
@@ -107,7 +114,7 @@ async def tokenizer_actor(
                         raise TokenizerError("this model does not accept images", "messages")
                     ids, prompt_text, multimodal = await anyio.to_thread.run_sync(image_prompts.build, request)
                 else:
-                    ids, prompt_text = tokenize(tokenizer, request)
+                    ids, prompt_text = tokenize(tokenizer, request, image_prompts and image_prompts.render)
                 params = fit_to_context(ids, request, max_model_len, max_tokens_given)
                 parser = specs.spec(request.output, prompt_text)
             except TokenizerError as exc:

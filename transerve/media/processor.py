@@ -57,9 +57,10 @@ class ImagePrompts:
         return cls(tokenizer, processor, image_processor, image_token_id, rope_index)
 
     def render(self, messages: list[dict[str, Any]], template_kwargs: dict) -> str:
-        # VLM templates loop over content parts; some do not accept a plain string.
-        parts = [{**m, "content": [{"type": "text", "text": m["content"]}]}
-                 if isinstance(m.get("content"), str) and m.get("role") in ("system", "user") else m for m in messages]
+        # VLM templates loop over content parts, and some (llava-hf's) render nothing for a plain string:
+        # every string content becomes one text part, whatever the role, images or not.
+        parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+                 for m in messages]
         try:
             return self.tokenizer.apply_chat_template(parts, chat_template=self.chat_template, add_generation_prompt=True,
                                                       tokenize=False, **template_kwargs)
