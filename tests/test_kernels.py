@@ -179,3 +179,15 @@ def test_reference_replans_when_the_step_metadata_changes():
     torch.testing.assert_close(shorter, fresh, atol=0, rtol=0)
     assert (shorter[1] - first[1]).abs().max() > 1e-3  # the other sequences only see different padding:
     torch.testing.assert_close(shorter[[0, 2, 3, 4, 5, 6]], first[[0, 2, 3, 4, 5, 6]])
+
+
+def test_reference_few_decodes_path_equals_the_sdpa_path():
+    """Up to four decodes take plain matmuls instead of SDPA; the answer must not depend on the path."""
+    torch.manual_seed(3)
+    batch = paged_batch([1] * 6, [5, 40, 17, 1, 33, 9], 8, 2, 64, 16, torch.float32)
+    many = paged_attention_ref(batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
+                               batch.query_start_loc, batch.scale)  # six decodes: SDPA
+    few = paged_attention_ref(batch.query[:3], batch.k_cache, batch.v_cache, batch.block_tables[:3],
+                              batch.seq_lens[:3], batch.query_start_loc[:4], batch.scale)  # three: matmuls
+    assert not few.isnan().any()
+    torch.testing.assert_close(few, many[:3], rtol=1e-5, atol=1e-5)
