@@ -6,12 +6,7 @@ import argparse
 import os
 import sys
 
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. The executor thread shares
-# the cores with the event loop (and, on a small box, with other processes); spinning threads then
-# stall every parallel op for a scheduler tick, which made CPU decode steps up to 10x slower.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from transerve.engine.models import DEFAULT_MODEL  # noqa: E402
+from transerve.engine.models import DEFAULT_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:
