@@ -37,53 +37,46 @@ TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 
 def build_qwen2_vl(smollm2_dir: str, work: Path) -> Path:
-    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
-    tokenizer.chat_template = QWEN_TEMPLATE
-    start, end, image, video = tokenizer.convert_tokens_to_ids(QWEN_TOKENS)
-    config = Qwen2VLConfig(
-        text_config=dict(**TEXT, vocab_size=len(tokenizer),
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
-        vision_start_token_id=start, vision_end_token_id=end, image_token_id=image, video_token_id=video,
-        architectures=["Qwen2VLForConditionalGeneration"], tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(work)
-    tokenizer.save_pretrained(work)
-    # The processor class needs a video processor, which needs torchvision: save its parts and its name.
-    pil.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=168 * 168).save_pretrained(work)
-    (work / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
-    return save_in_hf_cache("tiny/qwen2-vl", work)
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
+    return _build_qwen_vl(smollm2_dir, work, "tiny/qwen2-vl", Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision,
+                          "Qwen2VLProcessor")
 
 
 def build_qwen2_5_vl(smollm2_dir: str, work: Path) -> Path:
     """Qwen2.5-VL: Qwen2-VL's prompt and M-RoPE, a windowed-attention vision tower."""
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_chans=3, window_size=56, fullatt_block_indexes=[1])
+    return _build_qwen_vl(smollm2_dir, work, "tiny/qwen2.5-vl", Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          vision, "Qwen2_5_VLProcessor")
+
+
+def _build_qwen_vl(smollm2_dir: str, work: Path, name: str, config_class, model_class, vision: dict,
+                   processor_class: str) -> Path:
+    from transformers import AutoTokenizer
     from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
     tokenizer.chat_template = QWEN_TEMPLATE
     start, end, image, video = tokenizer.convert_tokens_to_ids(QWEN_TOKENS)
-    config = Qwen2_5_VLConfig(
+    config = config_class(
         text_config=dict(**TEXT, vocab_size=len(tokenizer),
                          rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
-        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3, window_size=56, fullatt_block_indexes=[1]),
-        vision_start_token_id=start, vision_end_token_id=end, image_token_id=image, video_token_id=video,
-        architectures=["Qwen2_5_VLForConditionalGeneration"], tie_word_embeddings=False,
+        vision_config=vision, vision_start_token_id=start, vision_end_token_id=end, image_token_id=image,
+        video_token_id=video, architectures=[model_class.__name__], tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(work)
+    model_class(config).save_pretrained(work)
     tokenizer.save_pretrained(work)
+    # The processor class needs a video processor, which needs torchvision: save its parts and its name.
     pil.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=168 * 168).save_pretrained(work)
-    (work / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}))
-    return save_in_hf_cache("tiny/qwen2.5-vl", work)
+    (work / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}))
+    return save_in_hf_cache(name, work)
 
 
 def build_llava(smollm2_dir: str, work: Path) -> Path:
