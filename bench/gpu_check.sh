@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# One GPU check, about 8 minutes at most: the kernel tests at real shapes, the kernel benchmark, and
-# offline throughput for our engine (512 requests, and a single request) and for transformers'
-# generate_batch; then one summary table. Needs torch, triton and transformers installed, nothing else
-# (no network, no pip install): run it from the repository root.
+# One GPU check, under 10 minutes: the kernel tests at real shapes, a live server driven by the openai
+# SDK and bench/serve_load.py, offline throughput for our engine (512 requests, and a single request)
+# and for transformers' generate_batch, the kernel benchmark; then one summary table. The engine steps
+# need torch, triton and transformers only; the server step also needs transerve's dependencies (carried
+# as wheels on the GPU box) and the tokenizer that `bench/gpu_serve_check.py --save-tokenizer` saves.
+# Run it from the repository root.
 #
-#   bash bench/gpu_check.sh            # logs and JSON under $OUT, or ./gpu_check_out
-#   OFFLINE_ARGS="--tiny --num-requests 4 --output-len 8" bash bench/gpu_check.sh   # CPU dry run
+#   bash bench/gpu_check.sh            # logs in $OUT/gpu_check.tgz (or ./gpu_check_out), summary printed
+#   OFFLINE_ARGS="--tiny --num-requests 4 --output-len 8" SERVE_ARGS="--device cpu" bash bench/gpu_check.sh   # CPU dry run
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET
-OUT_DIR="${OUT:-$PWD/gpu_check_out}"
+OUT_DIR="${OUT:+/tmp/gpu_check}"
+OUT_DIR="${OUT_DIR:-$PWD/gpu_check_out}"
 mkdir -p "$OUT_DIR"
-: > "$OUT_DIR/offline.jsonl"
+: > "$OUT_DIR/offline.jsonl"; : > "$OUT_DIR/steps.txt"
 START=$(date +%s)
 
 step() {  # step NAME SECONDS CMD...: run with a hard time limit, log to $OUT_DIR/NAME.log
@@ -25,21 +28,24 @@ step() {  # step NAME SECONDS CMD...: run with a hard time limit, log to $OUT_DI
     local rc=$?
     echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$OUT_DIR/steps.txt"
     tail -n 25 "$OUT_DIR/$name.log"
+    # $OUT brings back 8 files at most: every log travels in one archive, refreshed after each step.
+    [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_check.tgz" -C "$OUT_DIR" .
 }
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT_DIR/gpu.txt"
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT_DIR/gpu.txt"
 
 if python -c "import pytest" 2>/dev/null; then
-    TRANSERVE_KERNEL_TESTS=gpu step kernel_tests 150 python -m pytest -q -p no:cacheprovider \
+    TRANSERVE_KERNEL_TESTS=gpu step kernel_tests 140 python -m pytest -q -p no:cacheprovider \
         tests/test_kernels.py tests/test_kernel_sampling.py tests/test_kernel_e2e.py tests/test_kernel_cuda_graphs.py
 else
     echo "kernel_tests skipped: pytest is not installed" | tee -a "$OUT_DIR/steps.txt"
 fi
-step kernel_bench 100 python bench/kernels.py --sweep --json-out "$OUT_DIR/kernels.json"
-step offline_transerve 120 python bench/offline_throughput.py --json-out "$OUT_DIR/offline.jsonl" ${OFFLINE_ARGS:-}
-step offline_transerve_batch1 50 python bench/offline_throughput.py --batch-1 --json-out "$OUT_DIR/offline.jsonl" ${OFFLINE_ARGS:-}
-step offline_hf 130 python bench/offline_throughput.py --engine hf --json-out "$OUT_DIR/offline.jsonl" ${OFFLINE_ARGS:-}
+step serve 140 python bench/gpu_serve_check.py --out-dir "$OUT_DIR/serve" ${SERVE_ARGS:-}
+step offline_transerve 90 python bench/offline_throughput.py --json-out "$OUT_DIR/offline.jsonl" ${OFFLINE_ARGS:-}
+step offline_transerve_batch1 40 python bench/offline_throughput.py --batch-1 --json-out "$OUT_DIR/offline.jsonl" ${OFFLINE_ARGS:-}
+step offline_hf 100 python bench/offline_throughput.py --engine hf --json-out "$OUT_DIR/offline.jsonl" ${OFFLINE_ARGS:-}
+step kernel_bench 80 python bench/kernel_bench.py --sweep --json-out "$OUT_DIR/kernels.json"
 
 python - "$OUT_DIR" "$(( $(date +%s) - START ))" <<'EOF'
 import json, re, sys
@@ -75,11 +81,18 @@ if offline.exists():
         r = json.loads(line)
         rows.append((f"offline {r['engine']} ({r['requests']} req)", f"{r['output_tokens_per_s']:,.1f} output tok/s",
                      f"{r['output_tokens']} tokens in {r['seconds']:.1f} s"))
+load = out / "serve" / "load.json"
+if load.exists():
+    for r in json.loads(load.read_text())["results"]:
+        rows.append((f"server, concurrency {r['concurrency']}", f"{r['output_tok_per_s']:,.1f} output tok/s",
+                     f"{r['ok']} ok / {r['failed']} failed; TTFT med {r['ttft_ms']['median']:.1f} ms, TPOT med {r['tpot_ms']['median']:.2f} ms"))
 for line in (out / "steps.txt").read_text().splitlines():
     if "rc=0" not in line:
         rows.append(("step problem", line, "see its .log"))
 width = max(len(r[0]) for r in rows) if rows else 10
 print("\n" + "=" * 100 + f"\nSUMMARY ({total} s total)\n" + "=" * 100)
-for name, value, note in rows:
-    print(f"{name:<{width}}  {value:<48} {note}")
+lines = [f"{name:<{width}}  {value:<48} {note}" for name, value, note in rows]
+print("\n".join(lines))
+(out / "summary.txt").write_text("\n".join(lines) + "\n")
 EOF
+[ -n "${OUT:-}" ] && cp "$OUT_DIR/summary.txt" "$OUT/" && tar czf "$OUT/gpu_check.tgz" -C "$OUT_DIR" .

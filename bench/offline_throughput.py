@@ -24,11 +24,7 @@ from pathlib import Path
 
 import torch
 
-_BENCH = Path(__file__).resolve().parent
-# Run as a script, bench/ leads sys.path and bench/kernels.py would shadow the `kernels` package that
-# transformers probes for (and switch Triton to its interpreter): put the repository root there instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
-sys.path.insert(0, str(_BENCH.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
 
 from transerve.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from transerve.engine.core import EngineCore, generate  # noqa: E402

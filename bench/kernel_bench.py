@@ -1,7 +1,7 @@
 """Kernel microbenchmarks: each Triton kernel against its torch reference, and paged attention against
 torch SDPA on contiguous KV, with achieved bandwidth as a fraction of the card's measured copy bandwidth.
 
-    PYTHONPATH=. python bench/kernels.py [--sweep] [--json-out FILE]
+    PYTHONPATH=. python bench/kernel_bench.py [--sweep] [--json-out FILE]
 
 Without CUDA it runs tiny shapes under Triton's interpreter, to check the script itself: the times
 mean nothing there.
