@@ -112,6 +112,8 @@ def main() -> int:
     p.add_argument("--save-tokenizer", metavar="DIR")
     p.add_argument("--tokenizer", default=str(REPO_ROOT / ".gpu_assets" / "tokenizer"))
     p.add_argument("--out-dir", default="/tmp/gpu_serve_check")
+    p.add_argument("--model-dir", default="/tmp/gpu_serve_model",
+                   help="where the random model is saved (1 GB: kept out of --out-dir, whose logs travel back)")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--device", default="cuda", help="cpu: a dry run with a tiny model")
     p.add_argument("--load-args", default=os.environ.get(
@@ -123,7 +125,7 @@ def main() -> int:
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = out / "qwen2.5-0.5b-random"
+    model_dir = Path(args.model_dir)
     t0 = time.monotonic()
     build_model_dir(args.tokenizer, model_dir, args.device)
     print(f"model built in {time.monotonic() - t0:.1f} s", flush=True)
