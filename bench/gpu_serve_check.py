@@ -141,7 +141,7 @@ def main() -> int:
         for line in client_checks(base):
             print(line, flush=True)
         load = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "serve_load.py"), "--base-url", f"{base}/v1",
-                               "--label", "transerve (CUDA)", "--ignore-eos", "--json-out", str(out / "load.json"),
+                               "--label", f"transerve ({args.device})", "--ignore-eos", "--json-out", str(out / "load.json"),
                                *args.load_args.split()], env=env, timeout=400)
         if load.returncode:
             print(f"serve_load exited with {load.returncode}")

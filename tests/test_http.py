@@ -132,6 +132,19 @@ def test_models_lists_the_cache_and_marks_loaded(server, client):
     assert httpx.get(server.base_url + "/health").status_code == 200
 
 
+def test_models_lists_the_pinned_local_model_first(tiny_repos):
+    """Clients often take the first id of /v1/models: with MODEL pinned, that is the model served, even
+    when it is a local directory that sorts after the cached repos."""
+    pinned = str(tiny_repos["tiny/qwen2"])
+    srv = LiveServer(pinned, "--num-kv-blocks", "64")
+    try:
+        data = httpx.get(srv.base_url + "/v1/models", timeout=10).json()["data"]
+        assert data[0]["id"] == pinned and data[0]["loaded"] is True
+        assert {"tiny/llama", "tiny/qwen2"} <= {m["id"] for m in data[1:]}
+    finally:
+        assert srv.stop() == 0, srv.output()
+
+
 @pytest.mark.parametrize("body, status, param", [
     ("{not json", 400, None),
     ({"model": "tiny/llama"}, 400, "messages"),

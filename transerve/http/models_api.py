@@ -12,11 +12,12 @@ bp = Blueprint("models", __name__)
 
 def _model_list() -> list[dict]:
     registry = current_app.config["MODELS"]
-    entries = {e["id"]: {**e, "object": "model", "loaded": False} for e in models.scan_cache()}
-    for name, engine in registry.engines.items():
-        entries[name] = {**entries.get(name, {"id": name, "owned_by": "transerve"}), "object": "model",
-                         "created": entries.get(name, {}).get("created", engine.created), "loaded": True}
-    return list(entries.values())
+    cached = {e["id"]: {**e, "object": "model", "loaded": False} for e in models.scan_cache()}
+    # Loaded models (the pinned MODEL among them) come first: clients often take the first id.
+    loaded = {name: {**cached.get(name, {"id": name, "owned_by": "transerve"}), "object": "model",
+                     "created": cached.get(name, {}).get("created", engine.created), "loaded": True}
+              for name, engine in registry.engines.items()}
+    return list(loaded.values()) + [e for name, e in cached.items() if name not in loaded]
 
 
 @bp.get("/v1/models")
