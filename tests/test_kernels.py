@@ -191,3 +191,16 @@ def test_reference_few_decodes_path_equals_the_sdpa_path():
                               batch.seq_lens[:3], batch.query_start_loc[:4], batch.scale)  # three: matmuls
     assert not few.isnan().any()
     torch.testing.assert_close(few, many[:3], rtol=1e-5, atol=1e-5)
+
+
+def test_reference_write_kv_rechecks_padding_when_the_slots_change():
+    """write_kv_ref checks slot_mapping for padding (-1) once per step; slots refilled in place with a
+    -1 must still skip that token, not write it to slot -1 (the cache's last row)."""
+    k_cache = torch.zeros(4, 16, 2, 8)
+    v_cache = torch.zeros(4, 16, 2, 8)
+    slots = torch.tensor([3, 5])
+    write_kv_ref(torch.ones(2, 2, 8), torch.ones(2, 2, 8), k_cache, v_cache, slots)
+    slots[1] = -1
+    write_kv_ref(torch.full((2, 2, 8), 2.0), torch.full((2, 2, 8), 2.0), k_cache, v_cache, slots)
+    flat = k_cache.view(64, 2, 8)
+    assert flat[3].eq(2).all() and flat[5].eq(1).all() and flat[63].eq(0).all()

@@ -106,8 +106,13 @@ def load_model(path: str, config: EngineConfig, device: torch.device, dtype: tor
         auto_class, attn = AutoModelForImageTextToText, {"text_config": ATTN_IMPLEMENTATION, "vision_config": "sdpa"}
     model = auto_class.from_pretrained(path, dtype=dtype, attn_implementation=attn, trust_remote_code=config.trust_remote_code)
     model = model.to(device).eval()
-    use_skinny_linears(model)  # CPU float32 only: decode-sized batches run up to 3x faster
+    # CPU float32 only: decode-sized batches run up to 3x faster, a single decoding sequence ~15% faster
+    # when a transposed copy of the weights fits in an eighth of free RAM (and 2 GiB).
+    use_skinny_linears(model, min(_available_ram() // 8, TRANSPOSED_COPY_CAP_BYTES))
     return model
+
+
+TRANSPOSED_COPY_CAP_BYTES = 2 * 1024**3
 
 
 class ModelRunner:

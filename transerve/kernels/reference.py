@@ -29,8 +29,9 @@ def write_kv_ref(
     slot_mapping: torch.Tensor,  # [num_tokens] int64: block * block_size + offset; -1 skips the token
 ) -> None:
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    if bool((slot_mapping < 0).any()):  # rare (padding): select only then, it costs three more ops
-        keep = slot_mapping >= 0
+    # Every layer of a step writes through the same slot_mapping: check it for padding (-1) once a step.
+    keep = _per_step("write_kv", (slot_mapping,), None, lambda: (slot_mapping >= 0) if bool((slot_mapping < 0).any()) else None)
+    if keep is not None:  # rare (padded CUDA-graph batches)
         slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
     slot_mapping = slot_mapping.long()
     k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
@@ -46,26 +47,34 @@ class _Group(NamedTuple):
     row: torch.Tensor  # [num_group_tokens] int64: its index among that sequence's queries
     slots: torch.Tensor  # [num_seqs, ctx_len] int64: cache slot of every context position
     allowed: torch.Tensor  # [num_seqs, 1, max_q, ctx_len] bool: causal (and sliding-window) mask
+    blocked: torch.Tensor  # ~allowed
+    whole: bool  # the step's only group: token_idx is every query row, in order
 
 
-_last_plans: list = [None]  # one entry: (weakrefs and versions of the metadata, {(block_size, window): plan})
+# For each user ("write_kv", "attention"): (weak references and versions of its step's metadata, {key: value}).
+_last_step: dict[str, tuple] = {}
+
+
+def _per_step(user: str, metadata: tuple[torch.Tensor, ...], key, build):
+    """`build()`, computed once per step and reused by every layer.
+
+    A step calls attention once per layer with the very same metadata tensors, so values are keyed by
+    their identity and version: weak references, so a freed tensor never matches even if its id is
+    reused, and versions, so a tensor refilled in place does not either."""
+    entry = _last_step.get(user)
+    if entry is None or not all(ref() is t and version == _version(t) for (ref, version), t in zip(entry[0], metadata)):
+        entry = (tuple((weakref.ref(t), _version(t)) for t in metadata), {})
+        _last_step[user] = entry
+    if key not in entry[1]:
+        entry[1][key] = build()
+    return entry[1][key]
 
 
 def _plan(block_tables, seq_lens, query_start_loc, block_size: int, sliding_window: int | None) -> list[_Group]:
-    """Index and mask tensors for one step, built once and reused by every layer.
-
-    A step calls attention once per layer with the very same metadata tensors, so plans are keyed by
-    their identity and version: weak references, so a freed tensor never matches even if its id is
-    reused, and versions, so a tensor refilled in place does not either."""
-    metadata = (block_tables, seq_lens, query_start_loc)
-    entry = _last_plans[0]
-    if entry is None or not all(ref() is t and version == _version(t) for (ref, version), t in zip(entry[0], metadata)):
-        entry = (tuple((weakref.ref(t), _version(t)) for t in metadata), {})
-        _last_plans[0] = entry
-    key = (block_size, sliding_window)  # layers may differ in window (Gemma, Mistral): one plan each
-    if key not in entry[1]:
-        entry[1][key] = _build_plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window)
-    return entry[1][key]
+    """Index and mask tensors for one step's attention. Layers may differ in window (Gemma, Mistral):
+    one plan each."""
+    return _per_step("attention", (block_tables, seq_lens, query_start_loc), (block_size, sliding_window),
+                     lambda: _build_plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window))
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -80,11 +89,11 @@ def _build_plan(block_tables, seq_lens, query_start_loc, block_size, sliding_win
     lens = seq_lens.tolist()
     decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
     prefills = [[i] for i in range(len(lens)) if starts[i + 1] - starts[i] > 1]
-    return [_group(seqs, starts, lens, block_tables, block_size, sliding_window)
-            for seqs in ([decodes] if decodes else []) + prefills]
+    groups = ([decodes] if decodes else []) + prefills
+    return [_group(seqs, starts, lens, block_tables, block_size, sliding_window, len(groups) == 1) for seqs in groups]
 
 
-def _group(seqs, starts, lens, block_tables, block_size, sliding_window) -> _Group:
+def _group(seqs, starts, lens, block_tables, block_size, sliding_window, whole: bool) -> _Group:
     device = block_tables.device
     q_lens = [starts[i + 1] - starts[i] for i in seqs]
     max_q, ctx_len = max(q_lens), max(lens[i] for i in seqs)
@@ -102,7 +111,7 @@ def _group(seqs, starts, lens, block_tables, block_size, sliding_window) -> _Gro
     token_idx = torch.tensor([starts[i] + r for i, n in zip(seqs, q_lens) for r in range(n)], device=device)
     seq_of_token = torch.tensor([s for s, n in enumerate(q_lens) for _ in range(n)], device=device)
     row = torch.tensor([r for n in q_lens for r in range(n)], device=device)
-    return _Group(token_idx, seq_of_token, row, slots, allowed[:, None])
+    return _Group(token_idx, seq_of_token, row, slots, allowed[:, None], ~allowed[:, None], whole)
 
 
 def paged_attention_ref(
@@ -120,14 +129,12 @@ def paged_attention_ref(
     one SDPA call per group of sequences, over their context gathered token by token from the cache."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     num_heads = query.shape[1]
-    if out is None:
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     k_flat = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
     v_flat = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
     for g in _plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window):
         num_seqs, max_q = g.allowed.shape[0], g.allowed.shape[2]
         if max_q == 1:  # decodes: no padding to do
-            q = query[g.token_idx][:, :, None]
+            q = (query if g.whole else query[g.token_idx])[:, :, None]
         else:
             q = query.new_zeros(num_seqs, max_q, num_heads, head_dim)
             q[g.seq_of_token, g.row] = query[g.token_idx]
@@ -137,25 +144,30 @@ def paged_attention_ref(
         values = v_flat.index_select(0, g.slots.view(-1)).view(*g.slots.shape, num_kv_heads, head_dim)
         keys, values = keys.to(query.dtype).transpose(1, 2), values.to(query.dtype).transpose(1, 2)
         if max_q == 1 and num_seqs <= _FEW_DECODES:
-            result = _attend_few_decodes(q, keys, values, g.allowed, scale)
+            result = _attend_few_decodes(q, keys, values, g.blocked, scale)
         else:  # GQA without repeating K/V; padded query rows come out as garbage and are dropped below.
             result = torch.nn.functional.scaled_dot_product_attention(
                 q, keys, values, attn_mask=g.allowed, scale=scale, enable_gqa=num_heads != num_kv_heads,
             )
-        out[g.token_idx] = result[:, :, 0] if max_q == 1 else result.transpose(1, 2)[g.seq_of_token, g.row]
-    return out
+        rows = result[:, :, 0] if max_q == 1 else result.transpose(1, 2)[g.seq_of_token, g.row]
+        if g.whole and out is None:  # a step of decodes only, or one prefill: nothing to scatter
+            return rows
+        if out is None:
+            out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        out[g.token_idx] = rows
+    return out if out is not None else torch.empty(query.shape, dtype=query.dtype, device=query.device)
 
 
 _FEW_DECODES = 4  # up to this many single-token decodes, plain matmuls beat SDPA's fixed cost on CPU
 
 
-def _attend_few_decodes(q, keys, values, allowed, scale) -> torch.Tensor:
+def _attend_few_decodes(q, keys, values, blocked, scale) -> torch.Tensor:
     """SDPA for one query per sequence, in four small ops: SDPA costs about 0.25 ms a call on CPU
     whatever the size, which is most of a layer's attention at batch 1 (measured, SmolLM2)."""
     num_seqs, num_heads, _, head_dim = q.shape
     num_kv_heads = keys.shape[1]
     grouped = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # query head h reads kv head h // group
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale).masked_fill_(~allowed, float("-inf"))
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale).masked_fill_(blocked, float("-inf"))
     return torch.matmul(scores.softmax(dim=-1), values).view(num_seqs, num_heads, 1, head_dim)
 
 
