@@ -134,7 +134,7 @@ def paged_attention_ref(
     for g in _plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window):
         num_seqs, max_q = g.allowed.shape[0], g.allowed.shape[2]
         if max_q == 1:  # decodes: no padding to do
-            q = (query if g.whole else query[g.token_idx])[:, :, None]
+            q = (query.contiguous() if g.whole else query[g.token_idx])[:, :, None]
         else:
             q = query.new_zeros(num_seqs, max_q, num_heads, head_dim)
             q[g.seq_of_token, g.row] = query[g.token_idx]
