@@ -48,7 +48,6 @@ class _Group(NamedTuple):
     slots: torch.Tensor  # [num_seqs, ctx_len] int64: cache slot of every context position
     allowed: torch.Tensor  # [num_seqs, 1, max_q, ctx_len] bool: causal (and sliding-window) mask
     blocked: torch.Tensor  # ~allowed
-    whole: bool  # the step's only group: token_idx is every query row, in order
 
 
 # For each user ("write_kv", "attention"): (weak references and versions of its step's metadata, {key: value}).
@@ -89,11 +88,11 @@ def _build_plan(block_tables, seq_lens, query_start_loc, block_size, sliding_win
     lens = seq_lens.tolist()
     decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
     prefills = [[i] for i in range(len(lens)) if starts[i + 1] - starts[i] > 1]
-    groups = ([decodes] if decodes else []) + prefills
-    return [_group(seqs, starts, lens, block_tables, block_size, sliding_window, len(groups) == 1) for seqs in groups]
+    return [_group(seqs, starts, lens, block_tables, block_size, sliding_window)
+            for seqs in ([decodes] if decodes else []) + prefills]
 
 
-def _group(seqs, starts, lens, block_tables, block_size, sliding_window, whole: bool) -> _Group:
+def _group(seqs, starts, lens, block_tables, block_size, sliding_window) -> _Group:
     device = block_tables.device
     q_lens = [starts[i + 1] - starts[i] for i in seqs]
     max_q, ctx_len = max(q_lens), max(lens[i] for i in seqs)
@@ -111,7 +110,7 @@ def _group(seqs, starts, lens, block_tables, block_size, sliding_window, whole: 
     token_idx = torch.tensor([starts[i] + r for i, n in zip(seqs, q_lens) for r in range(n)], device=device)
     seq_of_token = torch.tensor([s for s, n in enumerate(q_lens) for _ in range(n)], device=device)
     row = torch.tensor([r for n in q_lens for r in range(n)], device=device)
-    return _Group(token_idx, seq_of_token, row, slots, allowed[:, None], ~allowed[:, None], whole)
+    return _Group(token_idx, seq_of_token, row, slots, allowed[:, None], ~allowed[:, None])
 
 
 def paged_attention_ref(
@@ -131,10 +130,16 @@ def paged_attention_ref(
     num_heads = query.shape[1]
     k_flat = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
     v_flat = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-    for g in _plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window):
+    groups = _plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window)
+    # A step of decodes only, or of one prefill, is one group over every query row in order: its
+    # result is the output, with no gather of its queries and no scatter into `out`.
+    whole = len(groups) == 1 and out is None
+    if out is None and not whole:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    for g in groups:
         num_seqs, max_q = g.allowed.shape[0], g.allowed.shape[2]
         if max_q == 1:  # decodes: no padding to do
-            q = (query.contiguous() if g.whole else query[g.token_idx])[:, :, None]
+            q = (query.contiguous() if whole else query[g.token_idx])[:, :, None]
         else:
             q = query.new_zeros(num_seqs, max_q, num_heads, head_dim)
             q[g.seq_of_token, g.row] = query[g.token_idx]
@@ -150,12 +155,10 @@ def paged_attention_ref(
                 q, keys, values, attn_mask=g.allowed, scale=scale, enable_gqa=num_heads != num_kv_heads,
             )
         rows = result[:, :, 0] if max_q == 1 else result.transpose(1, 2)[g.seq_of_token, g.row]
-        if g.whole and out is None:  # a step of decodes only, or one prefill: nothing to scatter
+        if whole:
             return rows
-        if out is None:
-            out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         out[g.token_idx] = rows
-    return out if out is not None else torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    return out
 
 
 _FEW_DECODES = 4  # up to this many single-token decodes, plain matmuls beat SDPA's fixed cost on CPU
