@@ -181,16 +181,25 @@ def test_reference_replans_when_the_step_metadata_changes():
     torch.testing.assert_close(shorter[[0, 2, 3, 4, 5, 6]], first[[0, 2, 3, 4, 5, 6]])
 
 
-def test_reference_few_decodes_path_equals_the_sdpa_path():
-    """Up to four decodes take plain matmuls instead of SDPA; the answer must not depend on the path."""
+@pytest.mark.parametrize("num_heads,num_kv_heads,sliding_window", [(8, 2, None), (4, 4, None), (6, 2, 7)])
+def test_reference_decodes_equal_dense_attention_per_sequence(num_heads, num_kv_heads, sliding_window):
+    """A step's decodes share two batched matmuls over a head-major gather; each row must equal plain
+    SDPA of that query over its own sequence's context, read block by block from the cache."""
     torch.manual_seed(3)
-    batch = paged_batch([1] * 6, [5, 40, 17, 1, 33, 9], 8, 2, 64, 16, torch.float32)
-    many = paged_attention_ref(batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
-                               batch.query_start_loc, batch.scale)  # six decodes: SDPA
-    few = paged_attention_ref(batch.query[:3], batch.k_cache, batch.v_cache, batch.block_tables[:3],
-                              batch.seq_lens[:3], batch.query_start_loc[:4], batch.scale)  # three: matmuls
-    assert not few.isnan().any()
-    torch.testing.assert_close(few, many[:3], rtol=1e-5, atol=1e-5)
+    lens = [5, 40, 17, 1, 33, 9]
+    batch = paged_batch([1] * len(lens), lens, num_heads, num_kv_heads, 64, 16, torch.float32)
+    got = paged_attention_ref(batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
+                              batch.query_start_loc, batch.scale, sliding_window)
+    assert not got.isnan().any()
+    for i, n in enumerate(batch.seq_lens.tolist()):
+        slots = [int(batch.block_tables[i, p // 16]) * 16 + p % 16 for p in range(n)]
+        keys = batch.k_cache.view(-1, num_kv_heads, 64)[slots].transpose(0, 1)  # [kv_heads, n, head_dim]
+        values = batch.v_cache.view(-1, num_kv_heads, 64)[slots].transpose(0, 1)
+        allowed = torch.arange(n) > n - 1 - sliding_window if sliding_window else None
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            batch.query[i][:, None], keys, values, attn_mask=allowed, scale=batch.scale,
+            enable_gqa=num_heads != num_kv_heads)[:, 0]
+        torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_reference_write_kv_rechecks_padding_when_the_slots_change():
