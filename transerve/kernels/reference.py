@@ -50,8 +50,9 @@ class _Group(NamedTuple):
 
 
 class _Decodes(NamedTuple):
-    """A group of single-token decodes, laid out head-major for batched matmuls."""
+    """All of a step's single-token decodes, laid out head-major for batched matmuls."""
 
+    token_idx: torch.Tensor  # [num_seqs] int64: rows of `query` / `out`
     head_slots: torch.Tensor  # [num_seqs * num_kv_heads * ctx_len] int64: rows of the cache as [slots * kv_heads, head_dim]
     bias: torch.Tensor  # [num_seqs * num_kv_heads, heads_per_kv, ctx_len]: 0 where allowed, -inf elsewhere
 
@@ -75,11 +76,12 @@ def _per_step(user: str, metadata: tuple[torch.Tensor, ...], key, build):
     return entry[1][key]
 
 
-def _plan(block_tables, seq_lens, query_start_loc, block_size: int, sliding_window: int | None) -> list[_Group]:
+def _plan(block_tables, seq_lens, query_start_loc, block_size: int, sliding_window: int | None,
+          heads: tuple[int, int, torch.dtype]) -> list[_Group | _Decodes]:
     """Index and mask tensors for one step's attention. Layers may differ in window (Gemma, Mistral):
-    one plan each."""
-    return _per_step("attention", (block_tables, seq_lens, query_start_loc), (block_size, sliding_window),
-                     lambda: _build_plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window))
+    one plan each. `heads`: (num_kv_heads, num_heads, dtype), which the decodes' layout depends on."""
+    return _per_step("attention", (block_tables, seq_lens, query_start_loc), (block_size, sliding_window, heads),
+                     lambda: _build_plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window, heads))
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -87,15 +89,17 @@ def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _build_plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window) -> list[_Group]:
+def _build_plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window, heads) -> list[_Group | _Decodes]:
     """All single-token decodes form one group; each prefill chunk is one more, so padding never
     multiplies a long prompt by the batch size."""
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
     prefills = [[i] for i in range(len(lens)) if starts[i + 1] - starts[i] > 1]
-    return [_group(seqs, starts, lens, block_tables, block_size, sliding_window)
-            for seqs in ([decodes] if decodes else []) + prefills]
+    groups = [_group(seqs, starts, lens, block_tables, block_size, sliding_window) for seqs in prefills]
+    if decodes:
+        groups.insert(0, _decodes(_group(decodes, starts, lens, block_tables, block_size, sliding_window), *heads))
+    return groups
 
 
 def _group(seqs, starts, lens, block_tables, block_size, sliding_window) -> _Group:
@@ -125,7 +129,7 @@ def _decodes(g: _Group, num_kv_heads: int, num_heads: int, dtype: torch.dtype) -
     head_slots = (g.slots[:, None, :] * num_kv_heads + kv_heads[None, :, None]).view(-1)
     bias = torch.zeros(g.allowed.shape, dtype=dtype, device=g.slots.device).masked_fill_(~g.allowed, float("-inf"))
     bias = bias.expand(num_seqs, num_kv_heads, num_heads // num_kv_heads, ctx_len)
-    return _Decodes(head_slots, bias.reshape(num_seqs * num_kv_heads, num_heads // num_kv_heads, ctx_len))
+    return _Decodes(g.token_idx, head_slots, bias.reshape(num_seqs * num_kv_heads, num_heads // num_kv_heads, ctx_len))
 
 
 def paged_attention_ref(
@@ -146,19 +150,17 @@ def paged_attention_ref(
     num_heads = query.shape[1]
     k_flat = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
     v_flat = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-    groups = _plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window)
+    groups = _plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window, (num_kv_heads, num_heads, query.dtype))
     # A step of decodes only, or of one prefill, is one group over every query row in order: its
     # result is the output, with no gather of its queries and no scatter into `out`.
     whole = len(groups) == 1 and out is None
     if out is None and not whole:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     for g in groups:
-        num_seqs, max_q, ctx_len = g.allowed.shape[0], g.allowed.shape[2], g.slots.shape[1]
-        if max_q == 1:
-            rows = _attend_decodes(query if whole else query[g.token_idx], k_cache, v_cache, scale, _per_step(
-                "attention", (block_tables, seq_lens, query_start_loc), (block_size, sliding_window, num_kv_heads, num_heads, query.dtype),
-                lambda: _decodes(g, num_kv_heads, num_heads, query.dtype)))
+        if isinstance(g, _Decodes):
+            rows = _attend_decodes(query if whole else query[g.token_idx], k_cache, v_cache, scale, g)
         else:
+            num_seqs, max_q, ctx_len = g.allowed.shape[0], g.allowed.shape[2], g.slots.shape[1]
             q = query.new_zeros(num_seqs, max_q, num_heads, head_dim)
             q[g.seq_of_token, g.row] = query[g.token_idx]
             # index_select, not advanced indexing: 2-4x faster on CPU. [num_seqs, kv_heads, ctx_len, head_dim]
@@ -178,8 +180,8 @@ def paged_attention_ref(
 
 def _attend_decodes(query, k_cache, v_cache, scale: float, d: _Decodes) -> torch.Tensor:
     """One query per sequence: K and V gathered head-major, so that scores and output are two batched
-    matmuls over contiguous memory (on CPU 1.3-2.8x faster than SDPA over the token-major gather at
-    batch 1 to 32, short contexts). [num_seqs, num_heads, head_dim]"""
+    matmuls over contiguous memory (the attention alone, on CPU: 1.3-2.8x faster than SDPA over the
+    token-major gather at batch 1 to 32 and short contexts). [num_seqs, num_heads, head_dim]"""
     num_seqs, num_heads, head_dim = query.shape
     batch, heads_per_kv, ctx_len = d.bias.shape
     keys = k_cache.view(-1, head_dim).index_select(0, d.head_slots).view(batch, ctx_len, head_dim).to(query.dtype)
