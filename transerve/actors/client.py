@@ -29,8 +29,7 @@ if TYPE_CHECKING:
 class GenerateRequest:
     """One choice: a prompt (chat messages, text or token ids) and how to sample and parse its answer."""
 
-    sampling_params: SamplingParams
-    max_tokens_given: bool  # else max_tokens fills the context and is never an error
+    sampling_params: SamplingParams  # max_tokens None: as many as fit (engine.request.fit_max_tokens)
     messages: tuple[dict[str, Any], ...] | None = None
     prompt: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
@@ -69,7 +68,7 @@ class EngineClient:
     async def generate(self, requests: Sequence[GenerateRequest]) -> AsyncIterator[RequestEvent]:
         request_ids = [uuid.uuid4().hex for _ in requests]
         # One slot per possible token plus the final event, per choice: the detokenizer never waits on a client.
-        size = sum(min(r.sampling_params.max_tokens, self.max_model_len) + 2 for r in requests)
+        size = sum(min(r.sampling_params.max_tokens or self.max_model_len, self.max_model_len) + 2 for r in requests)
         self.admission.enter(len(requests))  # raises EngineOverloadedError (429) when the queue is full
         sink, source = anyio.create_memory_object_stream[RequestEvent](size)
         trackers = self.metrics.track(self.model_id, len(requests))
@@ -84,7 +83,7 @@ class EngineClient:
                                 chat_template_kwargs=r.chat_template_kwargs, index=index,
                                 prompt_token_ids=r.prompt_token_ids, tools=r.tools, output=r.output, images=r.images,
                             )
-                            await self._tokenizer_inbox.send((tokenize, r.max_tokens_given))
+                            await self._tokenizer_inbox.send(tokenize)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                     trackers.fail()
                     yield RequestError("this model was just unloaded; send the request again", 503)

@@ -3,7 +3,6 @@ also decides how the detokenizer parses the answer (tool-call syntax, thoughts).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import anyio
@@ -13,6 +12,7 @@ from transerve.actors.messages import (
     Abort, OpenStream, OutputOptions, ParserSpec, RequestError, TokenizedRequest, TokenizeRequest,
 )
 from transerve.actors.tool_formats import END_THINK, THINK, detect_tool_format
+from transerve.engine.request import ContextLengthError, fit_max_tokens
 
 log = logging.getLogger(__name__)
 
@@ -68,31 +68,11 @@ class ParserSpecs:
         return ParserSpec(self.tool_format if options.tools else None, reasoning, in_reasoning, options.parallel_tool_calls)
 
 
-def fit_to_context(ids: list[int], request: TokenizeRequest, max_model_len: int, max_tokens_given: bool):
-    """The request's sampling params with max_tokens set, or an error when it cannot fit."""
-    if not ids:  # nothing to run: the first output token is sampled from the last prompt token's logits
-        raise TokenizerError("the prompt is empty (no tokens): give at least one token",
-                             "messages" if request.messages is not None else "prompt")
-    room = max_model_len - len(ids)
-    if room < 1:
-        raise TokenizerError(
-            f"this model's maximum context length is {max_model_len} tokens, but the prompt has {len(ids)} tokens",
-            "messages" if request.messages is not None else "prompt",
-        )
-    params = request.sampling_params
-    if max_tokens_given and params.max_tokens > room:
-        raise TokenizerError(
-            f"this model's maximum context length is {max_model_len} tokens; the prompt has {len(ids)} tokens "
-            f"and {params.max_tokens} more were asked for (max_tokens)",
-            "max_tokens",
-        )
-    return dataclasses.replace(params, max_tokens=min(params.max_tokens, room))
-
-
 async def tokenizer_actor(
     tokenizer,
     max_model_len: int,
-    inbox: ObjectReceiveStream[tuple[TokenizeRequest, bool] | Abort],
+    kv_capacity: int,
+    inbox: ObjectReceiveStream[TokenizeRequest | Abort],
     to_detokenizer: ObjectSendStream[OpenStream],
     to_scheduler: ObjectSendStream[TokenizedRequest | Abort],
     image_prompts=None,
@@ -106,7 +86,7 @@ async def tokenizer_actor(
             if isinstance(message, Abort):
                 await to_scheduler.send(message)
                 continue
-            request, max_tokens_given = message
+            request = message
             multimodal = None
             try:
                 if request.images:
@@ -115,8 +95,12 @@ async def tokenizer_actor(
                     ids, prompt_text, multimodal = await anyio.to_thread.run_sync(image_prompts.build, request)
                 else:
                     ids, prompt_text = tokenize(tokenizer, request, image_prompts and image_prompts.render)
-                params = fit_to_context(ids, request, max_model_len, max_tokens_given)
+                params = fit_max_tokens(request.sampling_params, len(ids), max_model_len, kv_capacity)
                 parser = specs.spec(request.output, prompt_text)
+            except ContextLengthError as exc:
+                param = exc.field if exc.field != "prompt" or request.messages is None else "messages"
+                await _fail(request, RequestError(str(exc), 400, param, request.index))
+                continue
             except TokenizerError as exc:
                 await _fail(request, RequestError(str(exc), 400, exc.param, request.index))
                 continue

@@ -6,13 +6,12 @@ benchmark; the server drives the same two calls from the scheduler and executor 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from transerve.config import SchedulerConfig
 from transerve.engine.block_manager import BlockManager
 from transerve.engine.model_runner import SequenceInput
-from transerve.engine.request import Request, RequestStatus
+from transerve.engine.request import ContextLengthError, Request, RequestStatus, fit_max_tokens
 from transerve.engine.sampling import banned_token_ids
 from transerve.engine.scheduler import Scheduler, Step
 
@@ -36,19 +35,21 @@ class EngineCore:
         self.num_failed_steps = 0  # steps whose model call raised; read by /metrics
 
     def add_request(self, request: Request) -> bool:
-        """Queue a request; False if even alone it could not fit in the KV cache.
-
-        max_tokens is capped at what the cache can hold, so a request running alone never needs to
-        preempt itself."""
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        room = min(capacity, self.max_model_len) - request.num_prompt_tokens
-        if room < 1:
+        """Queue a request, its max_tokens resolved by `fit_max_tokens` (the server's tokenizer has done so
+        already, to name the error); False if it cannot fit even alone."""
+        try:
+            request.sampling_params = fit_max_tokens(request.sampling_params, request.num_prompt_tokens, self.max_model_len,
+                                                     self.kv_capacity)
+        except ContextLengthError:
             return False
-        if request.sampling_params.max_tokens > room:
-            request.sampling_params = dataclasses.replace(request.sampling_params, max_tokens=room)
         self.requests[request.request_id] = request
         self.scheduler.add(request)
         return True
+
+    @property
+    def kv_capacity(self) -> int:
+        """Tokens the whole KV cache holds."""
+        return self.block_manager.num_blocks * self.block_manager.block_size
 
     def abort(self, request_id: str) -> TokenOutput | None:
         request = self.requests.pop(request_id, None)

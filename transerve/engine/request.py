@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ class RequestStatus(enum.Enum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = None  # None: as many as the context and the KV cache leave room for
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means off
@@ -48,7 +49,7 @@ class SamplingParams:
         return self.min_tokens > 0 or self.no_repeat_ngram_size > 0 or bool(self.bad_words_ids)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be non-negative, got {self.temperature}")
@@ -64,6 +65,35 @@ class SamplingParams:
             raise ValueError(f"num_logprobs must be non-negative, got {self.num_logprobs}")
         if self.min_tokens < 0 or self.no_repeat_ngram_size < 0:
             raise ValueError("min_tokens and no_repeat_ngram_size must be non-negative")
+
+
+class ContextLengthError(ValueError):
+    """A request that cannot fit; `field` is what to change: "prompt" or "max_tokens"."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def fit_max_tokens(params: SamplingParams, num_prompt_tokens: int, max_model_len: int, kv_capacity: int) -> SamplingParams:
+    """The one place max_tokens is defaulted and clamped: `params` with max_tokens set to what this prompt
+    may generate. A max_tokens the request asked for that passes the context is an error; one that only
+    passes the KV cache (`kv_capacity` tokens) is cut, so a request running alone never preempts itself."""
+    if num_prompt_tokens < 1:  # the first output token is sampled from the last prompt token's logits
+        raise ContextLengthError("the prompt is empty (no tokens): give at least one token", "prompt")
+    room = max_model_len - num_prompt_tokens
+    if room < 1:
+        raise ContextLengthError(f"this model's maximum context length is {max_model_len} tokens, but the prompt has "
+                                 f"{num_prompt_tokens} tokens", "prompt")
+    if params.max_tokens is not None and params.max_tokens > room:
+        raise ContextLengthError(f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+                                 f"{num_prompt_tokens} tokens and {params.max_tokens} more were asked for (max_tokens)",
+                                 "max_tokens")
+    cache_room = min(kv_capacity, max_model_len) - num_prompt_tokens
+    if cache_room < 1:
+        raise ContextLengthError(f"the prompt ({num_prompt_tokens} tokens) needs more KV cache than this server has "
+                                 f"({kv_capacity} tokens); raise --num-kv-blocks", "prompt")
+    return dataclasses.replace(params, max_tokens=min(params.max_tokens or room, cache_room))
 
 
 @dataclass(eq=False)

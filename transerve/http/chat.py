@@ -85,7 +85,7 @@ async def chat_completions():
     s = sampling(body, engine, max_tokens_fields=("max_completion_tokens", "max_tokens"), num_logprobs=num_logprobs)
     output = OutputOptions(tools=tools is not None, parallel_tool_calls=boolean(body, "parallel_tool_calls", True), reasoning=True)
     kwargs = chat_template_kwargs(body)
-    requests = [GenerateRequest(choice_params(s, i), s.max_tokens_given, messages=tuple(messages), stop=s.stop,
+    requests = [GenerateRequest(choice_params(s, i), messages=tuple(messages), stop=s.stop,
                                 chat_template_kwargs=kwargs, tools=tools, output=output, images=images) for i in range(s.n)]
     events = engine.generate(requests)
     first = await first_event(events)

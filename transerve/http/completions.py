@@ -64,7 +64,7 @@ async def completions():
         if isinstance(prompt, tuple) and not all(0 <= t < engine.vocab_size for t in prompt):
             raise OpenAIError(f"prompt: token ids must be between 0 and {engine.vocab_size - 1}", 400, "prompt")
     requests = [
-        GenerateRequest(choice_params(s, j), s.max_tokens_given, prompt=p if isinstance(p, str) else None,
+        GenerateRequest(choice_params(s, j), prompt=p if isinstance(p, str) else None,
                         prompt_token_ids=p if isinstance(p, tuple) else None, stop=s.stop)
         for p in prompts for j in range(s.n)
     ]

@@ -89,7 +89,6 @@ def parse_logit_bias(body: dict, vocab_size: int) -> dict[int, float]:
 @dataclass(frozen=True)
 class Sampling:
     params: SamplingParams
-    max_tokens_given: bool
     stop: tuple[str, ...]
     n: int
 
@@ -126,7 +125,7 @@ def sampling(body: dict, engine, *, max_tokens_fields: tuple[str, ...], default_
     stop = parse_stop(body) or tuple(gen.get("stop", ()))
     try:
         params = SamplingParams(
-            max_tokens=max_tokens if max_tokens is not None else (default_max_tokens or engine.max_model_len),
+            max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
             temperature=number(body, "temperature", 0.0, 2.0, temperature),
             top_p=number(body, "top_p", 0.0, 1.0, gen.get("top_p", defaults.get("top_p", 1.0))) or 1e-9,
             top_k=number(body, "top_k", 0, 2**31, int(gen.get("top_k", defaults.get("top_k") or 0)), integer=True),
@@ -145,7 +144,7 @@ def sampling(body: dict, engine, *, max_tokens_fields: tuple[str, ...], default_
         )
     except ValueError as exc:
         raise OpenAIError(str(exc), 400, "generation_config") from exc
-    return Sampling(params, max_tokens is not None, stop, n)
+    return Sampling(params, stop, n)
 
 
 def choice_params(sampling: Sampling, index: int) -> SamplingParams:

@@ -121,7 +121,7 @@ async def create_response():
     if s.n != 1:
         raise OpenAIError("a Response has one output: generation_config.num_return_sequences must be 1", 400, "generation_config")
     output = OutputOptions(tools=tools is not None, parallel_tool_calls=boolean(body, "parallel_tool_calls", True), reasoning=True)
-    request = GenerateRequest(s.params, s.max_tokens_given, messages=tuple(messages), stop=s.stop, tools=tools, output=output,
+    request = GenerateRequest(s.params, messages=tuple(messages), stop=s.stop, tools=tools, output=output,
                               chat_template_kwargs=chat_template_kwargs(body, effort), images=images)
     events = engine.generate([request])
     first = await first_event(events)
