@@ -153,3 +153,35 @@ def test_every_sdk_field_has_a_status_and_the_readme_lists_them_all():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert markdown_table() in readme, "README.md's field table is stale: paste `python -m transerve.http.fields`"
     assert re.search(r"\| `generation_config` \| honoured \|", readme)
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": [{"type": "video"}]}]},
+     "messages[1].content[0].type", "'video' is not supported"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", "is required"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 101}}, "logit_bias", "less than or equal to 100"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage", "valid boolean"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": None, "audio": {}}, "audio", "no audio output"),
+])
+def test_validation_errors_name_the_nested_field(body, param, words):
+    from transerve.http.protocol.chat import ChatCompletionRequest
+
+    with pytest.raises(OpenAIError) as info:
+        ChatCompletionRequest.parse(json.dumps(body))
+    assert info.value.status_code == 400 and info.value.param == param and words in info.value.message
+
+
+def test_a_field_added_to_a_model_is_validated_described_and_tabled():
+    from pydantic import create_model
+
+    from transerve.http.protocol.base import HONOURED, spec
+    from transerve.http.protocol.completions import CompletionRequest
+
+    model = create_model("Extended", __base__=CompletionRequest, top_a=(float | None, spec(HONOURED, "new", ge=0, le=1)))
+    assert model.parse('{"prompt": "x", "top_a": 0.5}').top_a == 0.5
+    with pytest.raises(OpenAIError) as info:
+        model.parse('{"prompt": "x", "top_a": 2}')
+    assert info.value.param == "top_a"
+    assert model.fields()["top_a"] == (HONOURED, "new")
+    assert model.model_json_schema()["properties"]["top_a"]["x-status"] == "honoured"

@@ -74,11 +74,28 @@ def _json_schema(schema: dict[str, Any], cls: type) -> None:
         properties[name] = {"anyOf": [prop, {"type": "null"}], **meta}
 
 
+@cache
+def _field_names() -> frozenset[str]:
+    """Every field name of every protocol model: what in an error's loc is a field, not a union member
+    (pydantic puts member labels, like `str` or a class name, and dict keys in locs too)."""
+    names, todo = set(), [Part]
+    while todo:
+        cls = todo.pop()
+        names.update(cls.model_fields)
+        todo += cls.__subclasses__()
+    return frozenset(names)
+
+
 class Part(BaseModel):
     """A nested object of a request (a message, a content part, a tool): null fields read as absent,
     keys it does not declare ignored, as OpenAI's own objects grow new optional keys often."""
 
     model_config = ConfigDict(strict=True, allow_inf_nan=False, json_schema_extra=_json_schema)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        _field_names.cache_clear()  # a new model's fields count as fields in error locs too
 
     @model_validator(mode="before")
     @classmethod
@@ -128,18 +145,6 @@ def _rejected_fields(cls: type[RequestBody]) -> tuple[str, ...]:
 _NOT_THIS_KIND = ("_type", "literal_error", "union_tag_not_found")
 _SHOW_INPUT = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "literal_error", "string_pattern_mismatch",
                "int_type", "float_type", "string_type", "bool_type", "finite_number"}
-
-
-@cache
-def _field_names() -> frozenset[str]:
-    """Every field name of every protocol model: what in an error's loc is a field, not a union member
-    (pydantic puts member labels, like `str` or a class name, and dict keys in locs too)."""
-    names, todo = set(), [Part]
-    while todo:
-        cls = todo.pop()
-        names.update(cls.model_fields)
-        todo += cls.__subclasses__()
-    return frozenset(names)
 
 
 def _split(loc: tuple) -> tuple[str, list[tuple[int, str]]]:
