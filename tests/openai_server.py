@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 import torch
+from pydantic import TypeAdapter
 
 from conftest import LiveServer, save_in_hf_cache
 
@@ -126,8 +127,78 @@ def _stop() -> None:
 
 @pytest.fixture()
 def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+    return sdk_client(server.base_url)
 
 
 def post(server, path: str, body: dict) -> httpx.Response:
-    return httpx.post(server.base_url + path, content=json.dumps(body), timeout=120, headers={"content-type": "application/json"})
+    return checked(httpx.post(server.base_url + path, content=json.dumps(body), timeout=120,
+                              headers={"content-type": "application/json"}))
+
+
+# Every body a test reads is validated against the openai package's own types (the SDK itself only
+# constructs its objects, so a field of the wrong type would pass unnoticed there).
+
+def _answer_types() -> dict[str, tuple[TypeAdapter, TypeAdapter]]:
+    from typing import Literal
+
+    from openai.types import Completion, CompletionChoice
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.responses import Response, ResponseStreamEvent
+
+    # The SDK reads streamed completions as Completion objects too, but OpenAI's own streams (and ours)
+    # say finish_reason null until a choice ends, which the SDK's type does not allow.
+    class StreamedChoice(CompletionChoice):
+        finish_reason: Literal["stop", "length", "content_filter"] | None = None
+
+    class CompletionChunk(Completion):
+        choices: list[StreamedChoice]
+
+    return {"/v1/chat/completions": (TypeAdapter(ChatCompletion), TypeAdapter(ChatCompletionChunk)),
+            "/v1/completions": (TypeAdapter(Completion), TypeAdapter(CompletionChunk)),
+            "/v1/responses": (TypeAdapter(Response), TypeAdapter(ResponseStreamEvent))}
+
+
+def check_body(path: str, status: int, content_type: str, text: str) -> None:
+    """Raises pydantic's ValidationError when the body is not what the openai package says it is."""
+    from openai.types.shared import ErrorObject
+
+    whole, chunk = _ANSWERS.get(path, (None, None)) if status == 200 else (None, None)
+    if content_type.startswith("text/event-stream"):
+        for line in text.splitlines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                data = json.loads(line[6:])
+                if "error" in data and "type" not in data:
+                    ErrorObject.model_validate(data["error"])
+                elif chunk is not None:
+                    chunk.validate_python(data)
+    elif content_type.startswith("application/json"):
+        data = json.loads(text)
+        if status >= 400:
+            ErrorObject.model_validate(data["error"])
+        elif whole is not None:
+            whole.validate_python(data)
+
+
+def checked(response: httpx.Response) -> httpx.Response:
+    response.read()
+    check_body(response.request.url.path, response.status_code, response.headers.get("content-type", ""), response.text)
+    return response
+
+
+async def _achecked(response: httpx.Response) -> None:
+    await response.aread()
+    check_body(response.request.url.path, response.status_code, response.headers.get("content-type", ""), response.text)
+
+
+def sdk_client(base_url: str, api_key: str = "unused") -> openai.OpenAI:
+    """The openai SDK, every answer it reads validated (streams are read whole first)."""
+    return openai.OpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0,
+                         http_client=httpx.Client(timeout=120, event_hooks={"response": [checked]}))
+
+
+def async_sdk_client(base_url: str, api_key: str = "unused") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0,
+                              http_client=httpx.AsyncClient(timeout=120, event_hooks={"response": [_achecked]}))
+
+
+_ANSWERS = _answer_types()

@@ -32,19 +32,18 @@ def server(tiny_repos):
 
 
 def test_the_document_describes_every_route_and_every_accepted_field(server):
-    from transerve.http.fields import REJECTED, TABLES
-    from transerve.http.openapi import field_schema
+    from transerve.http.protocol import REQUESTS
+    from transerve.http.protocol.base import REJECTED
 
     doc = httpx.get(server.base_url + "/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
     assert {"/v1/chat/completions", "/v1/models", "/v1/models/{model_id}", "/health", "/metrics"} <= set(doc["paths"])
-    for endpoint, table in TABLES.items():
-        accepted = {name for name, field in table.items() if field.status != REJECTED}
-        for name in accepted:
-            field_schema(endpoint, name)  # raises KeyError for a field without a schema
-        if endpoint in doc["paths"]:
-            body = doc["paths"][endpoint]["post"]["requestBody"]["content"]["application/json"]["schema"]
-            assert set(body["properties"]) == accepted
+    for endpoint, model in REQUESTS.items():
+        accepted = {name for name, (status, _) in model.fields().items() if status != REJECTED}
+        body = doc["paths"][endpoint]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        schema = doc["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+        assert set(schema["properties"]) == accepted and schema["additionalProperties"] is False
+        assert all(p["x-status"] != REJECTED and (p.get("description") or p["x-status"]) for p in schema["properties"].values())
 
 
 @pytest.mark.timeout(BUDGET_S + 60)

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import LiveServer
 from hardening_helpers import FAIL_AT_POSITION, MAGIC_PROMPT, make_faulty_repo, metric, wait_until
+from openai_server import async_sdk_client, check_body, checked, sdk_client
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -42,8 +43,9 @@ def server(tiny_repos, tokenizer, tmp_path_factory):
 
 
 def chat(server, model="tiny/llama", content="Hi", headers=None, **fields) -> httpx.Response:
-    return httpx.post(server.base_url + "/v1/chat/completions", headers={**AUTH, **(headers or {})}, timeout=120,
-                      json={"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0, **fields})
+    return checked(httpx.post(server.base_url + "/v1/chat/completions", headers={**AUTH, **(headers or {})}, timeout=120,
+                              json={"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
+                                    **fields}))
 
 
 def kv_used(server, model="tiny/llama") -> float:
@@ -61,8 +63,8 @@ def test_api_key_guards_the_api_but_not_health_or_metrics(server):
     assert httpx.get(url + "/health").status_code == 200
     assert httpx.get(url + "/metrics").status_code == 200
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
-    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        sdk_client(url, "nope").models.list()
+    client = sdk_client(url, KEY)
     assert "tiny/llama" in {m.id for m in client.models.list().data}
 
 
@@ -143,9 +145,10 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
 def test_a_burst_past_the_queue_bound_gets_429s_and_the_rest_complete(server):
     async def burst():
         async with httpx.AsyncClient(base_url=server.base_url, headers=AUTH, timeout=120) as client:
-            return await asyncio.gather(*[client.post("/v1/chat/completions", json={
+            replies = await asyncio.gather(*[client.post("/v1/chat/completions", json={
                 "model": "tiny/llama", "messages": [{"role": "user", "content": f"Burst {i}"}], "max_tokens": 16,
                 "ignore_eos": True}) for i in range(16)])
+            return [checked(r) for r in replies]
 
     replies = asyncio.run(burst())
     ok = [r for r in replies if r.status_code == 200]
@@ -166,7 +169,7 @@ def test_a_kv_cache_too_small_for_the_batch_preempts_and_answers_as_alone(server
     preemptions = metric(server.base_url, "transerve_num_preemptions_total", model="tiny/llama")
 
     async def together():
-        async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=KEY, max_retries=0) as client:
+        async with async_sdk_client(server.base_url, KEY) as client:
             replies = await asyncio.gather(*[client.chat.completions.create(
                 model="tiny/llama", messages=[{"role": "user", "content": p}], max_tokens=30, temperature=0,
                 extra_body={"ignore_eos": True}) for p in prompts])
@@ -188,6 +191,7 @@ def test_a_failed_model_step_fails_its_requests_and_the_server_keeps_serving(ser
     }) as response:
         assert response.status_code == 200
         lines = [line for line in response.iter_lines() if line]
+    check_body("/v1/chat/completions", 200, "text/event-stream", "\n".join(lines))
     assert lines[-1] == "data: [DONE]"
     events = [json.loads(line[6:]) for line in lines[:-1]]
     assert any(e.get("choices") and e["choices"][0]["delta"].get("content") for e in events[:-1])

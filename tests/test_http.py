@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from conftest import LiveServer, hf_greedy, hf_reference_model
+from openai_server import async_sdk_client, check_body, checked, sdk_client
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def server(tiny_repos):
 
 @pytest.fixture()
 def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+    return sdk_client(server.base_url)
 
 
 def test_chat_completion_matches_generate_and_reports_usage(server, client, tiny_repos, tokenizer):
@@ -67,6 +68,7 @@ def test_raw_sse_ends_with_done(server):
     }) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line]
+    check_body("/v1/chat/completions", 200, "text/event-stream", "\n".join(lines))
     assert lines[-1] == "data: [DONE]"
     assert all(line.startswith("data: ") for line in lines)
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
@@ -97,7 +99,7 @@ def test_concurrent_requests_each_get_their_own_greedy_answer(server, client):
                                                temperature=0).choices[0].message.content for p in prompts]
 
     async def ask_all():
-        async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x") as aclient:
+        async with async_sdk_client(server.base_url) as aclient:
             replies = await asyncio.gather(*[
                 aclient.chat.completions.create(model="tiny/llama", messages=[{"role": "user", "content": p}], max_tokens=8, temperature=0)
                 for p in prompts
@@ -158,8 +160,8 @@ def test_models_lists_the_pinned_local_model_first(tiny_repos):
 ])
 def test_bad_requests_get_openai_errors(server, body, status, param):
     data = body if isinstance(body, str) else json.dumps(body)
-    response = httpx.post(server.base_url + "/v1/chat/completions", content=data, timeout=60,
-                          headers={"content-type": "application/json"})
+    response = checked(httpx.post(server.base_url + "/v1/chat/completions", content=data, timeout=60,
+                                  headers={"content-type": "application/json"}))
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["type"]
@@ -168,7 +170,7 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
 
 def test_a_bad_request_does_not_disturb_one_in_flight(server, client):
     async def run():
-        async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as aclient:
+        async with async_sdk_client(server.base_url) as aclient:
             good = asyncio.create_task(aclient.chat.completions.create(
                 model="tiny/llama", messages=[{"role": "user", "content": "Count"}], max_tokens=30, temperature=0))
             with pytest.raises(openai.BadRequestError):

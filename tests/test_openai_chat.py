@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import openai
 import pytest
 
-from openai_server import client, post, server  # noqa: F401 (fixtures)
+from openai_server import async_sdk_client, client, post, server  # noqa: F401 (fixtures)
 
 HI = [{"role": "user", "content": "Tell me a story."}]
 
@@ -99,7 +98,7 @@ def test_ignored_fields_are_accepted(client):
 
 def test_async_streaming_n_choices_with_logprobs(server):
     async def run():
-        async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as aclient:
+        async with async_sdk_client(server.base_url) as aclient:
             stream = await aclient.chat.completions.create(
                 model="tiny/llama", messages=HI, max_tokens=5, temperature=0.8, seed=3, n=2, logprobs=True, top_logprobs=2,
                 stream=True, stream_options={"include_usage": True})

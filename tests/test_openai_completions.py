@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-import openai
 import pytest
 
-from openai_server import client, post, server  # noqa: F401 (fixtures)
+from openai_server import async_sdk_client, client, post, server  # noqa: F401 (fixtures)
 
 
 def test_prompt_list_times_n_and_usage(client, tokenizer):
@@ -52,7 +51,7 @@ def test_streaming_sync_and_async(server, client):
     assert chunks[-1].usage.completion_tokens == 6 and chunks[-2].choices[0].finish_reason == "length"
 
     async def run():
-        async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as aclient:
+        async with async_sdk_client(server.base_url) as aclient:
             stream = await aclient.completions.create(model="tiny/llama", prompt="Once", max_tokens=6, temperature=0,
                                                       echo=True, stream=True)
             return "".join([c.choices[0].text async for c in stream])

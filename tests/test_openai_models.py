@@ -7,9 +7,9 @@ import asyncio
 import time
 
 import httpx
-import openai
 
 from conftest import LiveServer
+from openai_server import async_sdk_client, sdk_client
 
 
 def loaded(server, model: str) -> bool:
@@ -22,7 +22,7 @@ def test_load_once_unload_when_idle_and_reload(tiny_repos):
         assert not loaded(server, "tiny/qwen2")
 
         async def ask_many():
-            async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as client:
+            async with async_sdk_client(server.base_url) as client:
                 return await asyncio.gather(*[client.chat.completions.create(
                     model="tiny/qwen2", messages=[{"role": "user", "content": f"Hi {i}"}], max_tokens=2) for i in range(4)])
 
@@ -38,7 +38,7 @@ def test_load_once_unload_when_idle_and_reload(tiny_repos):
         assert "unloading tiny/qwen2" in server.output()
         assert "tiny/qwen2" in {m["id"] for m in httpx.get(server.base_url + "/v1/models").json()["data"]}  # still cached
 
-        again = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+        again = sdk_client(server.base_url).chat.completions.create(
             model="tiny/qwen2", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
         assert again.usage.completion_tokens == 2
         assert server.output().count("loaded tiny/qwen2") == 2

@@ -19,8 +19,9 @@ from transerve.actors.tool_formats import detect_tool_format
 from transerve.engine.request import Request, SamplingParams
 from transerve.engine.sampling import banned_token_ids
 from transerve.http.errors import OpenAIError
-from transerve.http.fields import TABLES, markdown_table
+from transerve.http.fields import markdown_table
 from transerve.http.genconfig import parse_generation_config
+from transerve.http.protocol import REQUESTS
 
 
 def parse(text: str, fmt: str | None, reasoning: bool = False, in_reasoning: bool = False, parallel: bool = True,
@@ -116,15 +117,17 @@ def test_responses_stream_ends_with_response_failed_when_the_engine_fails():
     from openai.types.responses.response_stream_event import ResponseStreamEvent
     from pydantic import TypeAdapter
 
+    from transerve.http.output import stream
+    from transerve.http.protocol.responses import ResponsesRequest
     from transerve.http.responses import response_base
-    from transerve.http.responses_stream import stream_response
+    from transerve.http.responses_stream import ResponseStream
 
     async def events():
         yield RequestError("model step failed: boom", 500)
 
     async def run():
-        base = response_base({"input": "x"}, "m", 1.0, 1.0, None)
-        return [chunk async for chunk in stream_response(base, TextDelta("Hel", (5,)), events(), False)]
+        base = response_base(ResponsesRequest.parse('{"input": "x"}'), "m", 1.0, 1.0)
+        return [chunk async for chunk in stream(ResponseStream(base, False), TextDelta("Hel", (5,)), events())]
 
     chunks = anyio.run(run)
     adapter = TypeAdapter(ResponseStreamEvent)
@@ -145,8 +148,40 @@ def test_every_sdk_field_has_a_status_and_the_readme_lists_them_all():
            "/v1/completions": completion_create_params.CompletionCreateParamsBase,
            "/v1/responses": response_create_params.ResponseCreateParamsBase}
     for endpoint, params in sdk.items():
-        missing = set(params.__annotations__) - set(TABLES[endpoint])
+        missing = set(params.__annotations__) - set(REQUESTS[endpoint].fields())
         assert not missing, (endpoint, missing)
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert markdown_table() in readme, "README.md's field table is stale: paste `python -m transerve.http.fields`"
     assert re.search(r"\| `generation_config` \| honoured \|", readme)
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": [{"type": "video"}]}]},
+     "messages[1].content[0].type", "'video' is not supported"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", "is required"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 101}}, "logit_bias", "less than or equal to 100"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage", "valid boolean"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": None, "audio": {}}, "audio", "no audio output"),
+])
+def test_validation_errors_name_the_nested_field(body, param, words):
+    from transerve.http.protocol.chat import ChatCompletionRequest
+
+    with pytest.raises(OpenAIError) as info:
+        ChatCompletionRequest.parse(json.dumps(body))
+    assert info.value.status_code == 400 and info.value.param == param and words in info.value.message
+
+
+def test_a_field_added_to_a_model_is_validated_described_and_tabled():
+    from pydantic import create_model
+
+    from transerve.http.protocol.base import HONOURED, spec
+    from transerve.http.protocol.completions import CompletionRequest
+
+    model = create_model("Extended", __base__=CompletionRequest, top_a=(float | None, spec(HONOURED, "new", ge=0, le=1)))
+    assert model.parse('{"prompt": "x", "top_a": 0.5}').top_a == 0.5
+    with pytest.raises(OpenAIError) as info:
+        model.parse('{"prompt": "x", "top_a": 2}')
+    assert info.value.param == "top_a"
+    assert model.fields()["top_a"] == (HONOURED, "new")
+    assert model.model_json_schema()["properties"]["top_a"]["x-status"] == "honoured"

@@ -15,7 +15,7 @@ from openai.types.responses import (
     ResponseReasoningTextDoneEvent, ResponseTextDeltaEvent, ResponseTextDoneEvent,
 )
 
-from openai_server import client, post, server  # noqa: F401 (fixtures)
+from openai_server import async_sdk_client, client, post, server  # noqa: F401 (fixtures)
 
 FUNCTIONS = [{"type": "function", "name": "get_weather", "description": "Weather in a city",
               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
@@ -84,7 +84,7 @@ def test_function_calls_and_reasoning_items(client):
 
 def test_sdk_stream_helper_and_async_client(server):
     async def run():
-        async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as aclient:
+        async with async_sdk_client(server.base_url) as aclient:
             async with aclient.responses.stream(model="rig/llama3", input="Weather in Paris?", tools=FUNCTIONS,
                                                 max_output_tokens=60) as stream:
                 async for _ in stream:

@@ -7,10 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-import openai
 import pytest
 
-from openai_server import WEATHER_TOOLS, client, post, server  # noqa: F401 (fixtures)
+from openai_server import WEATHER_TOOLS, async_sdk_client, client, post, server  # noqa: F401 (fixtures)
 
 ASK = [{"role": "user", "content": "What's the weather in Paris, and the time there?"}]
 PARIS = {"city": "Paris"}
@@ -91,7 +90,7 @@ def test_tool_choice_none_and_no_tools_leave_the_text_alone(client):
 
 def test_async_sdk_stream_helper_accumulates_tool_calls(server):
     async def run():
-        async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as aclient:
+        async with async_sdk_client(server.base_url) as aclient:
             async with aclient.chat.completions.stream(model="rig/mistral", messages=ASK, tools=WEATHER_TOOLS,
                                                        max_tokens=100) as stream:
                 async for _ in stream:

@@ -1,11 +1,13 @@
-"""What the endpoints share about answers: collecting a choice's events, usage, logprobs."""
+"""What the endpoints share about answers: the one loop every stream runs, collecting a choice's events,
+usage, logprobs."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from transerve.actors.messages import RequestError, RequestEvent, TextDelta, TokenLogprob, ToolCallDelta, Usage
 from transerve.http.errors import OpenAIError
@@ -18,6 +20,34 @@ async def first_event(events: AsyncIterator[RequestEvent]) -> RequestEvent:
         await events.aclose()
         raise OpenAIError(event.message, event.status_code, event.param)
     return event
+
+
+class StreamShape(Protocol):
+    """How one endpoint shapes its stream; `stream` runs the loop around it."""
+
+    def start(self) -> Iterable[bytes]: ...  # before the first event
+    def delta(self, event: TextDelta) -> Iterable[bytes]: ...
+    def failed(self, error: RequestError) -> Iterable[bytes]: ...  # the stream ends after these
+    def ended(self) -> Iterable[bytes]: ...  # after the engine's last event
+
+
+async def stream(shape: StreamShape, first: RequestEvent, events: AsyncIterator[RequestEvent]) -> AsyncIterator[bytes]:
+    """Every stream's loop: `first` (already taken, see first_event), then the rest; a failure ends the
+    stream with the endpoint's own error chunks, never with a cut connection."""
+    for chunk in shape.start():
+        yield chunk
+    async with aclosing(events):
+        event = first
+        while event is not None:
+            if isinstance(event, RequestError):
+                for chunk in shape.failed(event):
+                    yield chunk
+                return
+            for chunk in shape.delta(event):
+                yield chunk
+            event = await anext(events, None)
+    for chunk in shape.ended():
+        yield chunk
 
 
 @dataclass

@@ -8,10 +8,7 @@ started ends it with `response.failed`, never with a cut connection.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import aclosing
-
-from transerve.actors.messages import RequestError, RequestEvent, TextDelta
+from transerve.actors.messages import RequestError, TextDelta
 from transerve.http.output import logprob_entries
 from transerve.http.response_items import finished, function_item, message_item, new_id, reasoning_item
 from transerve.http.sse import sse
@@ -26,6 +23,8 @@ class _Item:
 
 
 class ResponseStream:
+    """The events of one Response (see output.stream for the loop around it)."""
+
     def __init__(self, base: dict, logprobs: bool) -> None:
         self.base = base
         self.logprobs = logprobs
@@ -33,6 +32,34 @@ class ResponseStream:
         self.items: list[dict] = []  # finished output items
         self.current: _Item | None = None
         self.status = "completed"
+        self.done = False
+
+    def start(self) -> list[bytes]:
+        return [self.event("response.created", response={**self.base, "status": "queued"}),
+                self.event("response.in_progress", response={**self.base, "status": "in_progress"})]
+
+    def delta(self, event: TextDelta) -> list[bytes]:
+        out = self.on_delta(event)
+        if event.finish_reason is not None:
+            if not self.items and self.current is None:  # nothing was said: still one (empty) message
+                out += self.open("message")
+            out += self.close()
+            response = finished(self.base, self.items, event.finish_reason, event.usage)
+            out.append(self.event("response.incomplete" if response["status"] == "incomplete" else "response.completed",
+                                  response=response))
+            self.done = True
+        return out
+
+    def failed(self, error: RequestError) -> list[bytes]:
+        return [self._failed(error.message)]
+
+    def ended(self) -> list[bytes]:
+        # The engine went away without finishing (it was stopped): say so rather than just ending.
+        return [] if self.done else [self._failed("the model stopped")]
+
+    def _failed(self, message: str) -> bytes:
+        failed = {**self.base, "status": "failed", "output": self.items, "error": {"code": "server_error", "message": message}}
+        return self.event("response.failed", response=failed)
 
     def event(self, kind: str, **fields) -> bytes:
         data = {"type": kind, "sequence_number": self.sequence_number, **fields}
@@ -109,33 +136,3 @@ class ResponseStream:
                 out.append(self.event("response.function_call_arguments.delta", item_id=self.current.id,
                                       output_index=self.current.output_index, delta=delta.arguments))
         return out
-
-
-async def stream_response(base: dict, first: RequestEvent, events: AsyncIterator[RequestEvent], logprobs: bool):
-    state = ResponseStream(base, logprobs)
-    yield state.event("response.created", response={**base, "status": "queued"})
-    yield state.event("response.in_progress", response={**base, "status": "in_progress"})
-    async with aclosing(events):
-        event = first
-        while event is not None:
-            if isinstance(event, RequestError):
-                failed = {**base, "status": "failed", "output": state.items,
-                          "error": {"code": "server_error", "message": event.message}}
-                yield state.event("response.failed", response=failed)
-                return
-            for chunk in state.on_delta(event):
-                yield chunk
-            if event.finish_reason is not None:
-                if not state.items and state.current is None:  # nothing was said: still one (empty) message
-                    for chunk in state.open("message"):
-                        yield chunk
-                for chunk in state.close():
-                    yield chunk
-                response = finished(base, state.items, event.finish_reason, event.usage)
-                kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
-                yield state.event(kind, response=response)
-                return
-            event = await anext(events, None)
-    # The engine went away without finishing (it was stopped): say so rather than just ending.
-    failed = {**base, "status": "failed", "output": state.items, "error": {"code": "server_error", "message": "the model stopped"}}
-    yield state.event("response.failed", response=failed)

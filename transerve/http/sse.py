@@ -12,3 +12,4 @@ def sse(data: dict | str, event: str | None = None) -> bytes:
 
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = b"data: [DONE]\n\n"  # the end of an OpenAI stream
