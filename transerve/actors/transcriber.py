@@ -4,8 +4,8 @@ A Whisper model gets this actor instead of the paged text engine's four; its cli
 (transcription_client.py) prepares each request's features and turns the tokens sent back into text.
 Requests wait in a bounded mailbox; the actor takes the first, drains whatever else is waiting (up
 to `max_windows` windows), groups the jobs by the options one `generate` call must share, runs each
-group in a worker thread, and answers each job on its own stream. A client that left is skipped or ignored; it never fails the
-batch for the others.
+group in a worker thread, and answers each job on its own stream. A client that left is skipped or
+ignored; it never fails the batch for the others.
 """
 
 from __future__ import annotations
