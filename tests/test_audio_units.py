@@ -122,6 +122,16 @@ def test_stream_delta_waits_for_whole_characters_and_never_retracts():
     assert transcript.stream_delta("Hello", "Help") == ""
 
 
+def test_streamed_transcript_sends_each_window_in_turn_and_the_rest_at_the_end():
+    words = {1: " one", 2: " two", 3: " thr", 4: "ee"}
+    streamed = transcript.StreamedTranscript(2, frozenset({0}), lambda ids: "".join(words[i] for i in ids))
+    assert streamed.add(1, 2) == ""  # the second window waits for the first
+    assert [streamed.add(0, 1), streamed.add(0, 0)] == ["one", " two"]  # the end of window 0 lets window 1 show
+    assert streamed.add(0, 3) == ""  # a finished window's padding is ignored
+    assert streamed.add(1, 3) == " thr"
+    assert streamed.rest("one two three") == "ee" and streamed.rest("something else") == ""
+
+
 def _job(windows: int, options: DecodeOptions = DecodeOptions()) -> TranscribeJob:
     sink, _ = anyio.create_memory_object_stream(1)
     return TranscribeJob("id", np.zeros((windows, 80, 3000), dtype=np.float32), None, options, sink)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import hf_greedy, hf_reference_model
-from transerve.actors.runtime import load
+from transerve.actors.assembly import load
 from transerve.config import CacheConfig, EngineConfig, SchedulerConfig
 from transerve.engine.core import generate
 from transerve.engine.request import Request, SamplingParams

@@ -16,6 +16,7 @@ from transerve.config import SchedulerConfig, ServerConfig
 from transerve.engine import models
 from transerve.engine.core import EngineCore
 from transerve.engine.request import SamplingParams
+from transerve.engine.stats import SchedulerStats
 from transerve.http.openapi import openapi_path
 
 
@@ -45,7 +46,7 @@ class FlakyRunner:
         return {s.request_id: 7 for s in seqs if s.sample}
 
 
-async def _run_engine(runner, requests: list[TokenizedRequest]) -> tuple[list, EngineCore]:
+async def _run_engine(runner, requests: list[TokenizedRequest], publish_stats=lambda stats: None) -> tuple[list, EngineCore]:
     """Scheduler and executor actors around a fake runner; returns what reached the detokenizer."""
     core = EngineCore(SchedulerConfig(), num_kv_blocks=16, block_size=4, max_model_len=64)
     inbox_send, inbox = anyio.create_memory_object_stream(16)
@@ -55,7 +56,7 @@ async def _run_engine(runner, requests: list[TokenizedRequest]) -> tuple[list, E
     async with inbox_send:  # all queued before the scheduler starts, so they share the first step
         for request in requests:
             await inbox_send.send(request)
-    scheduler = SchedulerActor(core, frozenset(), inbox, exec_send, result_recv, detok_send)
+    scheduler = SchedulerActor(core, frozenset(), inbox, exec_send, result_recv, detok_send, publish_stats=publish_stats)
     async with anyio.create_task_group() as tg:
         tg.start_soon(scheduler.run)
         tg.start_soon(executor_actor, runner, exec_recv, result_send)
@@ -77,6 +78,19 @@ def test_a_failed_step_fails_its_requests_frees_their_blocks_and_the_next_step_r
     messages, core = anyio.run(_run_engine, runner, [TokenizedRequest("c", (1, 2), params)])
     tokens = [t for m in messages if isinstance(m, StepOutput) for t in m.tokens]
     assert [t.token_id for t in tokens] == [7, 7, 7] and tokens[-1].finish_reason == "length"
+
+
+def test_the_scheduler_actor_publishes_the_engine_state_at_start_and_after_each_step():
+    params = SamplingParams(max_tokens=3, temperature=0)
+    published: list[SchedulerStats] = []
+    anyio.run(_run_engine, FlakyRunner(RuntimeError("boom")), [TokenizedRequest("a", (1, 2, 3), params)], published.append)
+    assert published == [SchedulerStats(kv_blocks_free=16), SchedulerStats(kv_blocks_free=16, num_failed_steps=1)]
+    runner, published = FlakyRunner(RuntimeError("boom")), []
+    runner.calls = 1  # no failure
+    anyio.run(_run_engine, runner, [TokenizedRequest("c", (1, 2), params)], published.append)
+    assert published[0] == SchedulerStats(kv_blocks_free=16) and len(published) == 4  # at start, then after 3 steps
+    assert all(s.num_running == 1 and s.kv_blocks_used >= 1 for s in published[1:3]), published
+    assert published[-1] == SchedulerStats(kv_blocks_free=16)  # finished: its blocks are free again
 
 
 def test_request_metrics_record_tokens_latency_and_how_requests_ended():

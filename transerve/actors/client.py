@@ -1,8 +1,9 @@
-"""The one object the HTTP layer sees of an engine: `generate(...)` and nothing else.
+"""The one object the HTTP layer sees of a text engine: `generate(...)`, and `stats` for /metrics.
 
 `EngineClient.generate(requests)` runs one HTTP request's choices (n samples, or a list of prompts)
 and yields their `TextDelta`s as they come, interleaved and tagged with `index`, or `RequestError`s.
-Leaving the iterator early, for any reason, aborts every choice still running.
+Leaving the iterator early, for any reason, aborts every choice still running. `stats` is the
+engine's state as the scheduler actor last published it.
 """
 
 from __future__ import annotations
@@ -11,18 +12,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 from anyio.abc import ObjectSendStream
 
 from transerve.actors.admission import Admission
+from transerve.actors.assembly import LoadedModel
 from transerve.actors.messages import Abort, OutputOptions, RequestError, RequestEvent, TokenizeRequest
 from transerve.actors.metrics import EngineMetrics
 from transerve.engine.request import SamplingParams
-
-if TYPE_CHECKING:
-    from transerve.actors.runtime import LoadedModel
+from transerve.engine.stats import SchedulerStats
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class EngineClient:
         self.tokenizer = loaded.tokenizer  # for the HTTP layer's own small needs (echo of token prompts)
         self.accepts_images = loaded.image_prompts is not None
         self.created = int(time.time())
-        self.loaded = loaded
+        self.stats = SchedulerStats()  # replaced by the scheduler actor's first publication before any request
         self.in_flight = 0  # HTTP requests inside generate(); an engine with some is never unloaded
         self.last_used = anyio.current_time()
         self.closed = anyio.Event()
@@ -59,6 +59,15 @@ class EngineClient:
 
     def touch(self) -> None:
         self.last_used = anyio.current_time()
+
+    def update_stats(self, stats: SchedulerStats) -> None:
+        """Called by the scheduler actor after each step (on the event loop, like every reader)."""
+        self.stats = stats
+
+    @property
+    def num_in_flight(self) -> int:
+        """Engine requests admitted and not yet ended, the number --max-queued-requests bounds."""
+        return self.admission.num_in_flight
 
     async def aclose(self) -> None:
         """Take no more requests; the actors finish what they hold and return."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -14,6 +15,7 @@ from transerve.actors.messages import (
 from transerve.engine.core import EngineCore, TokenOutput
 from transerve.engine.request import Request
 from transerve.engine.sampling import SampledLogprobs
+from transerve.engine.stats import SchedulerStats
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class SchedulerActor:
         to_executor: ObjectSendStream[ExecuteStep],
         from_executor: ObjectReceiveStream[StepResult],
         to_detokenizer: ObjectSendStream[StepOutput | RequestFailed],
+        publish_stats: Callable[[SchedulerStats], None] = lambda stats: None,
     ) -> None:
         self.core = core
         self.eos_token_ids = eos_token_ids
@@ -40,6 +43,8 @@ class SchedulerActor:
         self.from_executor = from_executor
         self.to_detokenizer = to_detokenizer
         self.closing = False
+        self.publish_stats = publish_stats  # the engine's state for /metrics, after each step and message
+        publish_stats(core.stats())
 
     async def run(self) -> None:
         async with self.inbox, self.to_executor, self.from_executor, self.to_detokenizer:
@@ -52,6 +57,7 @@ class SchedulerActor:
                 await self.drain_inbox()
                 if self.core.has_work():
                     await self.run_step()
+                self.publish_stats(self.core.stats())
 
     async def drain_inbox(self) -> None:
         while not self.closing:

@@ -13,14 +13,9 @@ from transerve.actors.messages import (
 )
 from transerve.actors.tool_formats import END_THINK, THINK, detect_tool_format
 from transerve.engine.request import ContextLengthError, fit_max_tokens
+from transerve.media.errors import PromptError
 
 log = logging.getLogger(__name__)
-
-
-class TokenizerError(ValueError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def tokenize(tokenizer, request: TokenizeRequest, render=None) -> tuple[list[int], str]:
@@ -30,7 +25,7 @@ def tokenize(tokenizer, request: TokenizeRequest, render=None) -> tuple[list[int
     (a VLM's, whose templates want content parts)."""
     if request.messages is not None:
         if not getattr(tokenizer, "chat_template", None):
-            raise TokenizerError("this model has no chat template; use /v1/completions", "messages")
+            raise PromptError("this model has no chat template; use /v1/completions", "messages")
         kwargs = dict(request.chat_template_kwargs)
         if request.tools:
             kwargs["tools"] = list(request.tools)
@@ -41,7 +36,7 @@ def tokenize(tokenizer, request: TokenizeRequest, render=None) -> tuple[list[int
                 text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False,
                                                      **kwargs)
             except Exception as exc:  # jinja raises for conversations the template forbids (roles out of order, ...)
-                raise TokenizerError(f"the chat template rejected these messages: {exc}", "messages") from exc
+                raise PromptError(f"the chat template rejected these messages: {exc}", "messages") from exc
         # What apply_chat_template(tokenize=True) does: the template writes the special tokens itself.
         return list(tokenizer(text, add_special_tokens=False)["input_ids"]), text
     if request.prompt_token_ids is not None:
@@ -91,7 +86,7 @@ async def tokenizer_actor(
             try:
                 if request.images:
                     if image_prompts is None:
-                        raise TokenizerError("this model does not accept images", "messages")
+                        raise PromptError("this model does not accept images", "messages")
                     ids, prompt_text, multimodal = await anyio.to_thread.run_sync(image_prompts.build, request)
                 else:
                     ids, prompt_text = tokenize(tokenizer, request, image_prompts and image_prompts.render)
@@ -101,7 +96,7 @@ async def tokenizer_actor(
                 param = exc.field if exc.field != "prompt" or request.messages is None else "messages"
                 await _fail(request, RequestError(str(exc), 400, param, request.index))
                 continue
-            except TokenizerError as exc:
+            except PromptError as exc:
                 await _fail(request, RequestError(str(exc), 400, exc.param, request.index))
                 continue
             except Exception as exc:  # a tokenizer bug must fail one request, not the server

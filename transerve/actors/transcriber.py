@@ -1,18 +1,17 @@
 """The transcriber actor: batches every waiting transcription into one Whisper decode.
 
-A Whisper model gets this actor instead of the paged text engine's four. Requests wait in a bounded
-mailbox; the actor takes the first, drains whatever else is waiting (up to `max_windows` windows),
-groups the jobs by the options one `generate` call must share, runs each group in a worker thread,
-and answers each job on its own stream. A client that left is skipped or ignored; it never fails the
-batch for the others.
+A Whisper model gets this actor instead of the paged text engine's four; its client
+(transcription_client.py) prepares each request's features and turns the tokens sent back into text.
+Requests wait in a bounded mailbox; the actor takes the first, drains whatever else is waiting (up
+to `max_windows` windows), groups the jobs by the options one `generate` call must share, runs each
+group in a worker thread, and answers each job on its own stream. A client that left is skipped or
+ignored; it never fails the batch for the others.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ from transerve.engine.whisper import DecodeOptions, Transcriber, WindowResult, d
 log = logging.getLogger(__name__)
 
 
-# handler -> transcriber
+# client -> transcriber
 @dataclass(frozen=True)
 class TranscribeJob:
     job_id: str
@@ -37,7 +36,7 @@ class TranscribeJob:
     stream_tokens: bool = False  # send a WindowToken for each token as it is decoded
 
 
-# transcriber -> handler
+# transcriber -> client
 @dataclass(frozen=True)
 class WindowToken:
     window: int  # which of the job's windows
@@ -138,52 +137,3 @@ async def _decode_group(t: Transcriber, jobs: list[TranscribeJob], metrics: Engi
         count = len(job.features)
         offer(job.sink, WindowsDone(tuple(results[position:position + count])))
         position += count
-
-
-class TranscriptionEngine:
-    """What the HTTP layer sees of a Whisper model: `transcribe(...)`, and the bookkeeping `Models`
-    needs of any engine (in_flight, last_used, closed, aclose)."""
-
-    def __init__(self, t: Transcriber, inbox: ObjectSendStream[TranscribeJob]) -> None:
-        self.model_id = t.model_id
-        self.transcriber = t
-        self.sampling_rate = t.sampling_rate
-        self.created = int(time.time())
-        self.in_flight = 0
-        self.last_used = anyio.current_time()
-        self.closed = anyio.Event()
-        self._inbox = inbox
-
-    def touch(self) -> None:
-        self.last_used = anyio.current_time()
-
-    async def aclose(self) -> None:
-        self.closed.set()
-        await self._inbox.aclose()
-
-    async def transcribe(self, features: np.ndarray, language: str | None, options: DecodeOptions,
-                         stream_tokens: bool = False) -> AsyncIterator[TranscribeEvent]:
-        """The events of one request: WindowTokens when streaming, then WindowsDone or TranscribeFailed."""
-        max_tokens = self.transcriber.model.config.max_target_positions  # the decoder's own limit
-        sink, source = anyio.create_memory_object_stream[TranscribeEvent](len(features) * (max_tokens + 1) + 1)
-        self.in_flight += 1
-        try:
-            async with source:
-                with sink:
-                    try:
-                        await self._inbox.send(TranscribeJob(uuid.uuid4().hex, features, language, options, sink.clone(),
-                                                             stream_tokens))
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        yield TranscribeFailed("this model was just unloaded; send the request again", 503)
-                        return
-                async for event in source:
-                    yield event
-        finally:
-            self.in_flight -= 1
-            self.touch()
-
-
-async def start_transcriber(task_group, t: Transcriber, mailbox_size: int, metrics: EngineMetrics) -> TranscriptionEngine:
-    send, receive = anyio.create_memory_object_stream[TranscribeJob](mailbox_size)
-    task_group.start_soon(transcriber_actor, t, receive, metrics)
-    return TranscriptionEngine(t, send)

@@ -45,7 +45,7 @@ async def serve(config: ServerConfig, ready: anyio.Event | None = None) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config as HypercornConfig
 
-    from transerve.actors.runtime import Models
+    from transerve.actors.registry import Models
     from transerve.http.app import create_app
 
     stop = anyio.Event()

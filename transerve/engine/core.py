@@ -14,6 +14,7 @@ from transerve.engine.model_runner import SequenceInput
 from transerve.engine.request import ContextLengthError, Request, RequestStatus, fit_max_tokens
 from transerve.engine.sampling import banned_token_ids
 from transerve.engine.scheduler import Scheduler, Step
+from transerve.engine.stats import SchedulerStats
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,12 @@ class EngineCore:
 
     def _output(self, request: Request, token_id: int | None) -> TokenOutput:
         return TokenOutput(request.request_id, token_id, request.status, request.num_prompt_tokens, request.num_cached_tokens)
+
+    def stats(self) -> SchedulerStats:
+        blocks = self.block_manager
+        return SchedulerStats(len(self.scheduler.waiting), len(self.scheduler.running),
+                              blocks.num_blocks - blocks.num_free_blocks, blocks.num_free_blocks,
+                              self.scheduler.num_preemptions, self.num_failed_steps)
 
 
 def _sampling_extras(request: Request) -> dict:

@@ -1,4 +1,5 @@
-"""Whisper's output tokens to timed segments, and segments to SRT and WebVTT. Pure functions.
+"""Whisper's output tokens to timed segments and streamed text, segments to SRT and WebVTT, and the
+text events a transcription yields. Pure functions and frozen types.
 
 A window's tokens come from one 30 s window starting at `window.start` seconds. With timestamps,
 Whisper writes `<|t0|> text <|t1|>` pairs (times relative to the window); without, the whole window
@@ -18,6 +19,47 @@ class Segment:
     end: float
     token_ids: tuple[int, ...]  # text tokens only (no timestamps, no special tokens)
     logprobs: tuple[float, ...]  # the decoder's log probability of each of the window's sampled tokens here
+
+
+# What TranscriptionClient.transcribe yields, as the detokenizer's TextDelta is for text models.
+@dataclass(frozen=True)
+class TranscriptSegment:
+    """A timed piece of the transcript, as verbose_json, SRT and WebVTT show it."""
+
+    start: float  # seconds from the start of the file
+    end: float
+    text: str
+    token_ids: tuple[int, ...]
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float  # of the segment's window
+    window_start: float  # seconds: where the segment's 30 s window starts
+
+
+@dataclass(frozen=True)
+class TranscriptDelta:
+    text: str  # the next piece of the transcript (streamed requests only)
+
+
+@dataclass(frozen=True)
+class TranscriptDone:
+    text: str  # the whole transcript: what the deltas added up to
+    language: str  # its name as OpenAI writes it ("english")
+    duration: float  # seconds of audio
+    segments: tuple[TranscriptSegment, ...]
+    audio_tokens: int  # encoder positions of every window
+    output_tokens: int  # tokens the decoder wrote
+
+
+@dataclass(frozen=True)
+class TranscriptError:
+    message: str
+    status_code: int
+    param: str | None = None
+    code: str | None = None
+
+
+TranscriptEvent = TranscriptDelta | TranscriptDone | TranscriptError
 
 
 def split_segments(token_ids: Sequence[int], logprobs: Sequence[float], timestamp_begin: int, time_precision: float,
@@ -99,3 +141,29 @@ def streamed_text(windows: Sequence[Sequence[int]], finished: Sequence[bool], de
         if not done:
             break
     return join_texts(texts)
+
+
+class StreamedTranscript:
+    """The text of windows decoding in parallel, token by token: `add` returns what can be sent now."""
+
+    def __init__(self, num_windows: int, eos_token_ids: frozenset[int], decode: Callable[[list[int]], str]) -> None:
+        self.tokens: list[list[int]] = [[] for _ in range(num_windows)]
+        self.finished = [False] * num_windows
+        self.eos_token_ids = eos_token_ids
+        self.decode = decode
+        self.sent = ""
+
+    def add(self, window: int, token_id: int) -> str:
+        if self.finished[window]:
+            return ""  # a finished window keeps receiving padding while others decode
+        if token_id in self.eos_token_ids:
+            self.finished[window] = True
+        else:
+            self.tokens[window].append(token_id)
+        delta = stream_delta(self.sent, streamed_text(self.tokens, self.finished, self.decode))
+        self.sent += delta
+        return delta
+
+    def rest(self, text: str) -> str:
+        """What is left of the whole `text` once decoding ended (unfinished characters included)."""
+        return text[len(self.sent):] if text.startswith(self.sent) else ""

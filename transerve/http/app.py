@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from quart import Quart, jsonify
 
-from transerve.actors.runtime import Models
+from transerve.actors.registry import Models
 from transerve.engine.models import ModelNotFoundError, ModelTaskError
 from transerve.config import ServerConfig
 from transerve.http import chat, completions, models_api, openapi, responses, transcriptions

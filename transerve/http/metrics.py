@@ -2,9 +2,9 @@
 
 Three sources feed it: HTTP requests by endpoint and status (counted here, after each response is
 made), per-request engine metrics (tokens, TTFT, time per output token, end-to-end latency; observed
-by `EngineClient.generate`), and engine state read at scrape time (queue, batch, KV blocks,
-preemptions, failed steps), which costs nothing between scrapes. Process metrics (resident memory,
-CPU seconds, open files) come from prometheus_client's ProcessCollector.
+by `EngineClient.generate`), and engine state (queue, batch, KV blocks, preemptions, failed steps):
+the SchedulerStats each engine's scheduler actor publishes, read from its client at scrape time.
+Process metrics (resident memory, CPU seconds, open files) come from prometheus_client's ProcessCollector.
 """
 
 from __future__ import annotations
@@ -16,17 +16,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from quart import Blueprint, Quart, Response, current_app, request
 
-from transerve.actors.transcriber import TranscriptionEngine
-
 bp = Blueprint("metrics", __name__)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class EngineStateCollector(Collector):
-    """Reads each loaded engine's scheduler and block manager when Prometheus scrapes.
-
-    Runs on the event loop, where the scheduler actor is the only writer of this state, so a scrape
-    sees a consistent step boundary even while the executor thread computes."""
+    """Reads each loaded engine's last published SchedulerStats when Prometheus scrapes."""
 
     def __init__(self, models) -> None:
         self.models = models
@@ -48,18 +43,16 @@ class EngineStateCollector(Collector):
                                                  "failed with 500)", labels=label),
         }
         for name, engine in list(self.models.engines.items()):
-            if isinstance(engine, TranscriptionEngine):
+            stats = engine.stats
+            if stats is None:
                 continue  # a Whisper model has no scheduler or KV cache (its batches: transerve_transcription_*)
-            core = engine.loaded.core
-            blocks = core.block_manager
-            admission = getattr(engine, "admission", None)
-            families["waiting"].add_metric([name], len(core.scheduler.waiting))
-            families["running"].add_metric([name], len(core.scheduler.running))
-            families["in_flight"].add_metric([name], admission.num_in_flight if admission is not None else 0)
-            families["kv_used"].add_metric([name], blocks.num_blocks - blocks.num_free_blocks)
-            families["kv_free"].add_metric([name], blocks.num_free_blocks)
-            families["preemptions"].add_metric([name], core.scheduler.num_preemptions)
-            families["step_failures"].add_metric([name], core.num_failed_steps)
+            families["waiting"].add_metric([name], stats.num_waiting)
+            families["running"].add_metric([name], stats.num_running)
+            families["in_flight"].add_metric([name], engine.num_in_flight)
+            families["kv_used"].add_metric([name], stats.kv_blocks_used)
+            families["kv_free"].add_metric([name], stats.kv_blocks_free)
+            families["preemptions"].add_metric([name], stats.num_preemptions)
+            families["step_failures"].add_metric([name], stats.num_failed_steps)
         yield from families.values()
 
 

@@ -1,20 +1,21 @@
 """POST /v1/audio/transcriptions (multipart/form-data), shaped like OpenAI's: json, text,
-verbose_json (segments), srt, vtt, and streamed `transcript.text.delta` / `transcript.text.done` events."""
+verbose_json (segments), srt, vtt, and streamed `transcript.text.delta` / `transcript.text.done` events.
+
+The handler validates the form, hands the audio to the model's TranscriptionClient and shapes the text
+events it yields; decoding the audio and the model's work happen behind the client."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-import anyio
 from quart import Blueprint, Response, current_app, jsonify, request
 
-from transerve.actors.transcriber import TranscribeEvent, TranscribeFailed, TranscriptionEngine, WindowsDone, WindowToken
 from transerve.engine import transcript
-from transerve.engine.whisper import TIME_PRECISION, DecodeOptions, WindowResult, log_mel_features
+from transerve.engine.transcript import TranscriptDelta, TranscriptDone, TranscriptError, TranscriptEvent
+from transerve.engine.whisper import DecodeOptions
 from transerve.http.errors import OpenAIError, error_body
 from transerve.http.sse import SSE_HEADERS, sse
-from transerve.media.audio import AudioError, AudioWindow, decode_audio, split_windows
 
 bp = Blueprint("transcriptions", __name__)
 ENDPOINT = "/v1/audio/transcriptions"
@@ -73,118 +74,62 @@ async def transcriptions():
     form = await request.form
     response_format, temperature, stream, language, prompt = _form_options(form)
     engine = await current_app.config["MODELS"].get(form.get("model"), task="transcription")
-    t = engine.transcriber
-    codes = {code for code, _ in t.language_ids}
-    if language is not None and t.multilingual and language not in codes:
-        raise OpenAIError(f"language {language!r} is not one this model knows (ISO-639-1 codes such as "
-                          f"{', '.join(sorted(codes)[:5])})", 400, "language")
-    try:
-        samples = await anyio.to_thread.run_sync(decode_audio, data, engine.sampling_rate)
-    except AudioError as exc:
-        raise OpenAIError(str(exc), 400, "file", "invalid_audio") from exc
-    windows = split_windows(samples, engine.sampling_rate)
-    features = await anyio.to_thread.run_sync(log_mel_features, t, [w.samples for w in windows])
     options = DecodeOptions(prompt, temperature, timestamps=response_format in TIMED_FORMATS)
-    events = engine.transcribe(features, language, options, stream_tokens=stream)
-    duration = len(samples) / engine.sampling_rate
+    events = engine.transcribe(data, language, options, stream=stream)
+    first = await anext(events)
+    if isinstance(first, TranscriptError):  # bad audio or options: a 4xx status, not a stream
+        await events.aclose()
+        raise OpenAIError(first.message, first.status_code, first.param, first.code)
     if stream:
-        return _stream(engine, events, len(windows)), 200, SSE_HEADERS
+        return _stream(first, events), 200, SSE_HEADERS
     async with aclosing(events):
-        results = await _results(events)
-    return _respond(engine, response_format, windows, results, temperature, duration)
+        event = first
+        while not isinstance(event, TranscriptDone):
+            if isinstance(event, TranscriptError):
+                raise OpenAIError(event.message, event.status_code, event.param, event.code)
+            event = await anext(events)  # deltas come only when streaming
+    return _respond(response_format, event, temperature)
 
 
-async def _results(events: AsyncIterator[TranscribeEvent]) -> tuple[WindowResult, ...]:
-    async for event in events:
-        if isinstance(event, WindowsDone):
-            return event.results
-        if isinstance(event, TranscribeFailed):
-            raise OpenAIError(event.message, event.status_code)
-    raise OpenAIError("the transcription ended without a result (the server is shutting down)", 503)
-
-
-def window_segments(engine: TranscriptionEngine, windows: Sequence[AudioWindow],
-                    results: Sequence[WindowResult]) -> list[tuple[int, transcript.Segment]]:
-    """(window index, segment) for every segment of every window, in time order."""
-    t = engine.transcriber
-    specials = set(t.processor.tokenizer.all_special_ids)
-    out = []
-    for index, (window, result) in enumerate(zip(windows, results)):
-        kept = [(tok, lp) for tok, lp in zip(result.token_ids, result.logprobs) if tok not in specials]
-        tokens, logprobs = [k[0] for k in kept], [k[1] for k in kept]
-        for segment in transcript.split_segments(tokens, logprobs, t.timestamp_begin, TIME_PRECISION, window.start, window.end):
-            out.append((index, segment))
-    return out
-
-
-def _respond(engine, response_format: str, windows, results, temperature: float, duration: float):
-    decode = engine.transcriber.processor.tokenizer.decode
-    segments = window_segments(engine, windows, results)
-    texts = [decode(list(s.token_ids), skip_special_tokens=True) for _, s in segments]
-    text = transcript.join_texts(texts)
+def _respond(response_format: str, done: TranscriptDone, temperature: float):
+    usage = {"type": "duration", "seconds": round(done.duration, 3)}
     if response_format == "json":
-        return jsonify({"text": text, "usage": {"type": "duration", "seconds": round(duration, 3)}})
+        return jsonify({"text": done.text, "usage": usage})
     if response_format == "text":
-        return Response(text + "\n", content_type="text/plain; charset=utf-8")
-    cues = [(s.start, s.end, t) for (_, s), t in zip(segments, texts)]
+        return Response(done.text + "\n", content_type="text/plain; charset=utf-8")
+    cues = [(s.start, s.end, s.text) for s in done.segments]
     if response_format == "srt":
         return Response(transcript.render_srt(cues), content_type="text/plain; charset=utf-8")
     if response_format == "vtt":
         return Response(transcript.render_vtt(cues), content_type="text/vtt; charset=utf-8")
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
-    language = results[0].language if results else "en"
     return jsonify({
         "task": "transcribe",
-        "language": LANGUAGES.get(language, language),
-        "duration": round(duration, 3),
-        "text": text,
+        "language": done.language,
+        "duration": round(done.duration, 3),
+        "text": done.text,
         "segments": [{
-            "id": i, "seek": int(round(windows[w].start * 100)),  # in 10 ms mel frames, as Whisper counts
-            "start": round(s.start, 3), "end": round(s.end, 3), "text": t, "tokens": list(s.token_ids),
-            "temperature": temperature, "avg_logprob": transcript.avg_logprob(s),
-            "compression_ratio": transcript.compression_ratio(t), "no_speech_prob": results[w].no_speech_prob,
-        } for i, ((w, s), t) in enumerate(zip(segments, texts))],
-        "usage": {"type": "duration", "seconds": round(duration, 3)},
+            "id": i, "seek": int(round(s.window_start * 100)),  # in 10 ms mel frames, as Whisper counts
+            "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text, "tokens": list(s.token_ids),
+            "temperature": temperature, "avg_logprob": s.avg_logprob, "compression_ratio": s.compression_ratio,
+            "no_speech_prob": s.no_speech_prob,
+        } for i, s in enumerate(done.segments)],
+        "usage": usage,
     })
 
 
-async def _stream(engine: TranscriptionEngine, events: AsyncIterator[TranscribeEvent], num_windows: int):
-    tokenizer = engine.transcriber.processor.tokenizer
-    eos = engine.transcriber.model.generation_config.eos_token_id
-    eos_ids = set(eos) if isinstance(eos, list) else {eos}
-
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
-    tokens: list[list[int]] = [[] for _ in range(num_windows)]
-    finished = [False] * num_windows
-    sent = ""
+async def _stream(first: TranscriptEvent, events: AsyncIterator[TranscriptEvent]):
     async with aclosing(events):
-        async for event in events:
-            if isinstance(event, WindowToken):
-                if finished[event.window]:
-                    continue  # a finished window keeps receiving padding while others decode
-                if event.token_id in eos_ids:
-                    finished[event.window] = True
-                else:
-                    tokens[event.window].append(event.token_id)
-                delta = transcript.stream_delta(sent, transcript.streamed_text(tokens, finished, decode))
-            elif isinstance(event, WindowsDone):
-                texts = [decode([t for t in r.token_ids]) for r in event.results]
-                text = transcript.join_texts(texts)
-                delta = text[len(sent):] if text.startswith(sent) else ""  # the end: unfinished characters too
-                if delta:
-                    yield sse({"type": "transcript.text.delta", "delta": delta})
-                output = sum(len(r.token_ids) for r in event.results)
-                audio = num_windows * engine.transcriber.model.config.max_source_positions
-                yield sse({"type": "transcript.text.done", "text": text,
-                           "usage": {"type": "tokens", "input_tokens": audio, "output_tokens": output,
-                                     "total_tokens": audio + output, "input_token_details": {"audio_tokens": audio}}})
+        event: TranscriptEvent | None = first
+        while event is not None:
+            if isinstance(event, TranscriptDelta):
+                yield sse({"type": "transcript.text.delta", "delta": event.text})
+            elif isinstance(event, TranscriptDone):
+                yield sse({"type": "transcript.text.done", "text": event.text, "usage": {
+                    "type": "tokens", "input_tokens": event.audio_tokens, "output_tokens": event.output_tokens,
+                    "total_tokens": event.audio_tokens + event.output_tokens,
+                    "input_token_details": {"audio_tokens": event.audio_tokens}}})
                 return
-            else:
-                yield sse(error_body(event.message, event.status_code))
+            else:  # an error mid-stream ends the stream with an error event
+                yield sse(error_body(event.message, event.status_code, event.param, event.code))
                 return
-            if delta:
-                sent += delta
-                yield sse({"type": "transcript.text.delta", "delta": delta})
+            event = await anext(events, None)

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from transerve.actors.tokenizer import TokenizerError
 from transerve.engine.multimodal import ImageInput, MultimodalPrompt
+from transerve.media.errors import PromptError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class ImagePrompts:
             return self.tokenizer.apply_chat_template(parts, chat_template=self.chat_template, add_generation_prompt=True,
                                                       tokenize=False, **template_kwargs)
         except Exception as exc:
-            raise TokenizerError(f"the chat template rejected these messages: {exc}", "messages") from exc
+            raise PromptError(f"the chat template rejected these messages: {exc}", "messages") from exc
 
     def build(self, request) -> tuple[list[int], str, MultimodalPrompt]:
         """A TokenizeRequest with images -> (prompt ids, prompt text, the engine's MultimodalPrompt)."""
@@ -75,17 +75,17 @@ class ImagePrompts:
         text = self.render(list(request.messages), kwargs)
         images = list(request.images)
         if text.count(self.image_token) != len(images):
-            raise TokenizerError(f"the chat template placed {text.count(self.image_token)} image tokens for "
+            raise PromptError(f"the chat template placed {text.count(self.image_token)} image tokens for "
                                  f"{len(images)} images", "messages")
         try:
             if self.processor is not None:
                 out = self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=False)
             else:
                 out = self._process_by_grid(text, images)
-        except TokenizerError:
+        except PromptError:
             raise
         except Exception as exc:  # an image the processor cannot take (too small for its patches, ...)
-            raise TokenizerError(f"the model's processor could not prepare the images: {type(exc).__name__}: {exc}",
+            raise PromptError(f"the model's processor could not prepare the images: {type(exc).__name__}: {exc}",
                                  "messages") from exc
         ids = out["input_ids"][0]
         encoder_inputs = split_per_image(out, len(images))
@@ -99,7 +99,7 @@ class ImagePrompts:
     def _process_by_grid(self, text: str, images: list) -> dict:
         pixels = self.image_processor(images=images, return_tensors="pt")
         if "image_grid_thw" not in pixels:
-            raise TokenizerError("this model's processor cannot load here, and its image processor gives no patch grid", "messages")
+            raise PromptError("this model's processor cannot load here, and its image processor gives no patch grid", "messages")
         merge = self.image_processor.merge_size ** 2
         pieces = text.split(self.image_token)
         expanded = pieces[0] + "".join(self.image_token * (int(grid.prod()) // merge) + piece
@@ -119,7 +119,7 @@ def split_per_image(out, num_images: int) -> list[dict[str, torch.Tensor]]:
         sizes = out.get("image_sizes")
         return [{"pixel_values": pixel_values[i:i + 1], **({"image_sizes": sizes[i:i + 1]} if sizes is not None else {})}
                 for i in range(num_images)]
-    raise TokenizerError("images for this model family are not supported yet (its processor splits images in a way "
+    raise PromptError("images for this model family are not supported yet (its processor splits images in a way "
                          "transerve does not know)", "messages")
 
 
@@ -138,15 +138,15 @@ def placeholder_runs(ids: torch.Tensor, image_token_id: int, rows: list[int | No
         return []
     if any(r is None for r in rows):  # equal shares: every image of these families has the same size
         if len(positions) % len(rows):
-            raise TokenizerError(f"{len(positions)} image tokens cannot be shared by {len(rows)} images", "messages")
+            raise PromptError(f"{len(positions)} image tokens cannot be shared by {len(rows)} images", "messages")
         rows = [len(positions) // len(rows)] * len(rows)
     if sum(rows) != len(positions):
-        raise TokenizerError(f"the prompt has {len(positions)} image tokens, the images need {sum(rows)}", "messages")
+        raise PromptError(f"the prompt has {len(positions)} image tokens, the images need {sum(rows)}", "messages")
     runs, i = [], 0
     for n in rows:
         offset = positions[i]
         if positions[i + n - 1] != offset + n - 1:
-            raise TokenizerError("an image's placeholder tokens are not contiguous; this model family is not supported",
+            raise PromptError("an image's placeholder tokens are not contiguous; this model family is not supported",
                                  "messages")
         runs.append((offset, n))
         i += n
