@@ -60,10 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("repo_id", help="owner/name[@revision], or owner/name:file.gguf")
 
     chat = sub.add_parser("chat", help="chat in the terminal with any OpenAI-compatible server")
-    chat.add_argument("url", nargs="?", default="http://localhost:8000/v1")
+    chat.add_argument("url", nargs="?", default="http://localhost:8000",
+                      help="the server's address, or its /v1 URL (default: http://localhost:8000)")
     chat.add_argument("--model", default=None, help="model to ask for (default: the server's first)")
     chat.add_argument("--system", default=None, help="a system prompt")
-    chat.add_argument("--api-key", default="none")
+    chat.add_argument("--max-tokens", type=int, default=None, help="longest answer in tokens (default: the server's)")
+    chat.add_argument("--api-key", default=os.environ.get("TRANSERVE_API_KEY") or "none",
+                      help="the server's API key (default: $TRANSERVE_API_KEY)")
     return parser
 
 
