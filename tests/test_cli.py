@@ -25,8 +25,17 @@ def test_serve_with_an_unknown_model_exits_with_a_clear_error():
     assert "nobody/no-such-model" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_bad_override_generation_config_stops_the_start_with_a_clear_error():
+    for value, words in (("{temperature: 1}", "not valid JSON"), ('["temperature"]', "must be a JSON object"),
+                         ('{"num_beams": 4}', "'num_beams' is not a sampling default"),
+                         ('{"temperature": 3}', "temperature must be a number between 0.0 and 2.0")):
+        result = run("serve", "--override-generation-config", value, "--port", "0")
+        assert result.returncode == 2, value
+        assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_help_lists_every_serve_flag():
     result = run("serve", "--help")
     for flag in ("--host", "--port", "--device", "--dtype", "--force-model", "--max-num-seqs", "--max-model-len",
-                 "--block-size", "--num-kv-blocks", "--gpu-memory-utilization", "--log-level"):
+                 "--block-size", "--num-kv-blocks", "--gpu-memory-utilization", "--override-generation-config", "--log-level"):
         assert flag in result.stdout

@@ -10,6 +10,7 @@ import httpx
 
 from conftest import LiveServer
 from openai_server import async_sdk_client, sdk_client
+from transerve.engine import models
 
 
 def loaded(server, model: str) -> bool:
@@ -44,3 +45,17 @@ def test_load_once_unload_when_idle_and_reload(tiny_repos):
         assert server.output().count("loaded tiny/qwen2") == 2
     finally:
         assert server.stop() == 0, server.output()
+
+
+def test_the_bundled_model_samples_as_its_model_card_says_unless_the_server_overrides(smollm2_dir):
+    from transformers import GenerationConfig
+
+    bundled = models.load_generation_config(models.resolve(models.DEFAULT_MODEL))
+    defaults = models.generation_defaults(bundled, {})
+    assert (defaults["temperature"], defaults["top_p"]) == (0.2, 0.9)
+    overridden = models.generation_defaults(bundled, {"temperature": 0.7, "min_p": 0.05})
+    assert (overridden["temperature"], overridden["top_p"], overridden["min_p"]) == (0.7, 0.9, 0.05)
+    # A model whose config does not ask for sampling gets OpenAI's defaults, or the server's.
+    greedy = GenerationConfig(do_sample=False, temperature=0.6)
+    assert models.generation_defaults(greedy, {}) == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+    assert models.generation_defaults(greedy, {"top_k": 20}) == {"temperature": 1.0, "top_p": 1.0, "top_k": 20, "min_p": 0.0}

@@ -27,3 +27,9 @@ def test_default_model_is_listed_and_answers_paris(server):
     streamed = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=question, max_tokens=30,
                                               temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply.choices[0].message.content
+
+
+def test_default_model_reports_its_model_cards_sampling_in_models_and_the_log(server):
+    entry = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused").models.retrieve("SmolLM2-135M-Instruct")
+    assert (entry.generation_defaults["temperature"], entry.generation_defaults["top_p"]) == (0.2, 0.9)
+    assert "sampling defaults {'temperature': 0.2, 'top_p': 0.9" in server.output()

@@ -44,6 +44,11 @@ class SchedulerConfig:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
 
 
+# The sampling a server may set as its default (--override-generation-config), with each value's range.
+# They are the keys of a model's generation defaults (engine/models.py: generation_defaults).
+SAMPLING_DEFAULT_RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (0, 2**31), "min_p": (0.0, 1.0)}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -52,8 +57,19 @@ class EngineConfig:
     enforce_eager: bool = False  # on CUDA, no decode CUDA graphs
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Sampling defaults for every model, over each model's own generation_config: (name, value) pairs.
+    override_generation_config: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
+        for name, value in self.override_generation_config:
+            if name not in SAMPLING_DEFAULT_RANGES:
+                raise ValueError(f"override_generation_config: {name!r} is not a sampling default transerve "
+                                 f"understands (one of {', '.join(SAMPLING_DEFAULT_RANGES)})")
+            lo, hi = SAMPLING_DEFAULT_RANGES[name]
+            kinds = (int,) if name == "top_k" else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
+                kind = "an integer" if name == "top_k" else "a number"
+                raise ValueError(f"override_generation_config: {name} must be {kind} between {lo} and {hi}, got {value!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -53,11 +53,9 @@ def load(spec: str, config: EngineConfig, allow_download: bool, allow_local_path
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
-    defaults = {k: getattr(generation_config, k) for k in ("temperature", "top_p", "top_k", "min_p")}
-    if not generation_config.do_sample:
-        defaults = {}  # the model's config says nothing about sampling: the OpenAI defaults apply
-    log.info("loaded %s on %s: %d KV blocks of %d tokens, context %d", spec, device, num_kv_blocks,
-             config.cache.block_size, max_model_len)
+    defaults = models.generation_defaults(generation_config, dict(config.override_generation_config))
+    log.info("loaded %s on %s: %d KV blocks of %d tokens, context %d, sampling defaults %s", spec, device, num_kv_blocks,
+             config.cache.block_size, max_model_len, defaults)
     if copy_bytes := transposed_copy_bytes(model):
         log.info("CPU: a transposed copy of the linear weights (%.0f MB) speeds up single-sequence decoding", copy_bytes / 2**20)
     head = model.get_output_embeddings()

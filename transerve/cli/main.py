@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of device memory for model and KV cache when --num-kv-blocks is not set (default: 0.9)")
     serve.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of shared prompt prefixes")
     serve.add_argument("--enforce-eager", action="store_true", help="on CUDA, run decode steps eagerly (no CUDA graphs)")
+    serve.add_argument("--override-generation-config", default=None, metavar="JSON",
+                       help="sampling defaults for every model, over each model's generation_config.json, as a JSON "
+                            "object of temperature, top_p, top_k, min_p: '{\"temperature\": 0.7}' (default: none)")
     serve.add_argument("--trust-remote-code", action="store_true", help="allow models that run their own code")
     serve.add_argument("--max-queued-requests", type=int, default=512,
                        help="requests that may wait beyond a full batch; past that, 429 with Retry-After (default: 512)")
@@ -57,10 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("repo_id", help="owner/name[@revision], or owner/name:file.gguf")
 
     chat = sub.add_parser("chat", help="chat in the terminal with any OpenAI-compatible server")
-    chat.add_argument("url", nargs="?", default="http://localhost:8000/v1")
+    chat.add_argument("url", nargs="?", default="http://localhost:8000",
+                      help="the server's address, or its /v1 URL (default: http://localhost:8000)")
     chat.add_argument("--model", default=None, help="model to ask for (default: the server's first)")
     chat.add_argument("--system", default=None, help="a system prompt")
-    chat.add_argument("--api-key", default="none")
+    chat.add_argument("--max-tokens", type=int, default=None, help="longest answer in tokens (default: the server's)")
+    chat.add_argument("--api-key", default=os.environ.get("TRANSERVE_API_KEY") or "none",
+                      help="the server's API key (default: $TRANSERVE_API_KEY)")
     return parser
 
 

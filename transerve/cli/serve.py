@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 
@@ -37,8 +38,19 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                               memory_fraction=args.memory_fraction, enable_prefix_caching=not args.no_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                       max_model_len=args.max_model_len, max_queued_requests=args.max_queued_requests),
+            override_generation_config=_json_object("--override-generation-config", args.override_generation_config),
         ),
     )
+
+
+def _json_object(flag: str, text: str | None) -> tuple[tuple[str, object], ...]:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError as exc:
+        raise ValueError(f"{flag} is not valid JSON ({exc}); give an object like '{{\"temperature\": 0.7}}'") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object like '{{\"temperature\": 0.7}}', got {text}")
+    return tuple(value.items())
 
 
 async def serve(config: ServerConfig, ready: anyio.Event | None = None) -> None:

