@@ -69,7 +69,9 @@ def _get(summary: str, operation_id: str, content_type: str, schema: dict, error
 
 
 _MODEL = {"type": "object", "required": ["id", "object"], "properties": {
-    "id": _STR, "object": {"const": "model"}, "created": {"type": "integer"}, "owned_by": _STR, "loaded": _BOOL}}
+    "id": _STR, "object": {"const": "model"}, "created": {"type": "integer"}, "owned_by": _STR, "loaded": _BOOL,
+    "generation_defaults": {"type": "object", "additionalProperties": {"type": "number"},
+                            "description": "extension: the sampling a request that sets none gets (loaded text models)"}}}
 
 
 def build_document(rules: set[str], api_key_required: bool) -> dict:
