@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 from transerve.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from transerve.engine.core import EngineCore, generate  # noqa: E402
-from transerve.engine.model_runner import (  # noqa: E402
-    ATTN_IMPLEMENTATION, ModelRunner, kv_bytes_per_block, kv_shape, load_model, register_attention,
-)
+from transerve.engine.attention import ATTN_IMPLEMENTATION, register_attention  # noqa: E402
+from transerve.engine.kv_sizing import kv_bytes_per_block, kv_shape  # noqa: E402
+from transerve.engine.model_runner import ModelRunner  # noqa: E402
+from transerve.engine.models import load_model  # noqa: E402
 from transerve.engine.request import Request, SamplingParams  # noqa: E402
 
 
