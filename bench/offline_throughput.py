@@ -8,6 +8,7 @@ tokens/s. The same inputs go to either engine.
     PYTHONPATH=. python bench/offline_throughput.py --engine hf          # transformers generate_batch
     PYTHONPATH=. python bench/offline_throughput.py --batch-1            # one request: latency-bound speed
     PYTHONPATH=. python bench/offline_throughput.py --tiny --num-requests 4 --output-len 8   # CPU smoke test
+    PYTHONPATH=. python bench/offline_throughput.py --model SmolLM2-135M-Instruct --num-requests 32   # a real model
 
 Imports only transerve.config / engine / kernels (never the HTTP stack), so it runs on a bare GPU image.
 """
@@ -28,7 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 from transerve.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from transerve.engine.core import EngineCore, generate  # noqa: E402
-from transerve.engine.model_runner import ATTN_IMPLEMENTATION, ModelRunner, kv_bytes_per_block, register_attention  # noqa: E402
+from transerve.engine.attention import ATTN_IMPLEMENTATION, register_attention  # noqa: E402
+from transerve.engine.kv_sizing import kv_bytes_per_block, kv_shape  # noqa: E402
+from transerve.engine.model_runner import ModelRunner  # noqa: E402
+from transerve.engine.models import load_model  # noqa: E402
 from transerve.engine.request import Request, SamplingParams  # noqa: E402
 
 
@@ -72,9 +76,18 @@ def num_kv_blocks(model, args, device: torch.device, max_tokens: int) -> int:
     return min(needed, affordable)
 
 
+def load_served_model(spec: str, device: torch.device, dtype: torch.dtype):
+    """A model as the server loads it (GGUF conversion, CPU linears included)."""
+    from transerve.engine import models
+
+    path = models.materialize(models.resolve(spec))
+    return load_model(path, EngineConfig(device=str(device), dtype=str(dtype)[6:]), device, dtype)
+
+
 def run_transerve(args, config, prompts, device, dtype) -> tuple[float, int]:
     register_attention()
-    model = build_model(config, ATTN_IMPLEMENTATION, device, dtype)
+    model = load_served_model(args.model, device, dtype) if args.model else build_model(config, ATTN_IMPLEMENTATION, device, dtype)
+    config = model.config
     max_model_len = args.input_len_max + args.output_len
     max_tokens = min(args.num_requests, args.max_num_seqs) * max_model_len
     blocks = num_kv_blocks(model, args, device, max_tokens)
@@ -85,7 +98,7 @@ def run_transerve(args, config, prompts, device, dtype) -> tuple[float, int]:
         from transerve.kernels.paged_attention import precompile
 
         num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        precompile(num_heads, num_kv_heads, config.hidden_size // num_heads, args.block_size, dtype, device)
+        precompile(num_heads, num_kv_heads, kv_shape(config)[1], args.block_size, dtype, device)
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     params = SamplingParams(max_tokens=args.output_len, temperature=args.temperature, ignore_eos=True)
 
@@ -143,6 +156,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tiny", action="store_true", help="a tiny model of the same family (CPU smoke tests)")
+    parser.add_argument("--model", help="a model spec the server accepts (repo id, directory, GGUF, SmolLM2-135M-Instruct) "
+                        "instead of a random model; transerve engine only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", help="append one JSON line with the result")
     args = parser.parse_args()
@@ -152,6 +167,11 @@ def main() -> None:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config = model_config(args.tiny)
+    if args.model:
+        from transformers import AutoConfig
+        from transerve.engine import models
+
+        config = AutoConfig.from_pretrained(models.materialize(models.resolve(args.model)))
     prompts = make_prompts(args, config.vocab_size)
     run = run_transerve if args.engine == "transerve" else run_hf
     elapsed, generated = run(args, config, prompts, device, dtype)

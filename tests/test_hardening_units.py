@@ -17,6 +17,7 @@ from transerve.engine import models
 from transerve.engine.core import EngineCore
 from transerve.engine.request import SamplingParams
 from transerve.engine.stats import SchedulerStats
+from transerve.engine.step import SampledTokens
 from transerve.http.openapi import openapi_path
 
 
@@ -39,11 +40,11 @@ class FlakyRunner:
     def __init__(self, exc: Exception) -> None:
         self.exc, self.calls = exc, 0
 
-    def execute(self, seqs):
+    def execute(self, step):
         self.calls += 1
         if self.calls == 1:
             raise self.exc
-        return {s.request_id: 7 for s in seqs if s.sample}
+        return SampledTokens({rid: 7 for rid, sample in zip(step.request_ids, step.samples) if sample})
 
 
 async def _run_engine(runner, requests: list[TokenizedRequest], publish_stats=lambda stats: None) -> tuple[list, EngineCore]:

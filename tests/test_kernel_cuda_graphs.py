@@ -11,7 +11,7 @@ import torch
 
 from kernel_utils import DEVICE, GPU
 from transerve.engine.cuda_graphs import DecodeGraphs
-from transerve.engine.model_runner import ATTN_IMPLEMENTATION, PagedBatch, register_attention
+from transerve.engine.attention import ATTN_IMPLEMENTATION, PagedBatch, register_attention
 from transerve.kernels import kernels_for
 
 BLOCK_SIZE = 16

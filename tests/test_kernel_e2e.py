@@ -14,7 +14,8 @@ K = import_kernels()
 
 from transerve.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from transerve.engine.core import EngineCore, generate  # noqa: E402
-from transerve.engine.model_runner import ATTN_IMPLEMENTATION, ModelRunner, register_attention  # noqa: E402
+from transerve.engine.attention import ATTN_IMPLEMENTATION, register_attention  # noqa: E402
+from transerve.engine.model_runner import ModelRunner  # noqa: E402
 from transerve.engine.request import Request, SamplingParams  # noqa: E402
 
 BLOCK_SIZE = 16

@@ -17,7 +17,7 @@ from transerve.actors.messages import RequestError, TextDelta
 from transerve.actors.output_parser import OutputParser
 from transerve.actors.tool_formats import detect_tool_format
 from transerve.engine.request import Request, SamplingParams
-from transerve.engine.sampling import banned_token_ids
+from transerve.engine.request import banned_token_ids
 from transerve.http.errors import OpenAIError
 from transerve.http.fields import markdown_table
 from transerve.http.genconfig import parse_generation_config

@@ -1,23 +1,36 @@
-"""Block manager and scheduler policy, without a model: microseconds per test."""
+"""Block manager, scheduler policy and the step contract (engine/step.py), without a model: microseconds per test."""
 
 from __future__ import annotations
 
+import random
+
 from transerve.config import SchedulerConfig
+from transerve.engine.batch import pack_step, record_samples, update_states
 from transerve.engine.block_manager import BlockManager
 from transerve.engine.core import EngineCore
 from transerve.engine.request import Request, RequestStatus, SamplingParams
 from transerve.engine.scheduler import Scheduler
+from transerve.engine.step import SampledTokens, ScheduledStep
 
 
 def request(rid: str, num_prompt: int, max_tokens: int = 8, first_token: int = 0) -> Request:
     return Request(rid, list(range(first_token, first_token + num_prompt)), SamplingParams(max_tokens=max_tokens, temperature=0), seed=0)
 
 
+def chunks(scheduled: ScheduledStep) -> list[tuple[str, int, int, bool]]:
+    """(request id, first position, tokens, samples) of every request in the step."""
+    return list(zip(scheduled.request_ids, scheduled.num_computed_tokens, scheduled.num_scheduled_tokens, scheduled.samples))
+
+
+def sample_all(scheduled: ScheduledStep, token: int) -> SampledTokens:
+    return SampledTokens({rid: token for rid, _, _, sample in chunks(scheduled) if sample})
+
+
 def run_to_completion(core: EngineCore, token: int = 7) -> int:
     steps = 0
     while core.has_work():
-        step, inputs = core.schedule()
-        core.apply(step, {s.request_id: token for s in inputs if s.sample})
+        step, scheduled = core.schedule()
+        core.apply(step, sample_all(scheduled, token))
         steps += 1
     return steps
 
@@ -75,25 +88,25 @@ def test_long_prompts_are_prefilled_in_chunks_under_the_token_budget():
     core = EngineCore(SchedulerConfig(max_num_batched_tokens=16), num_kv_blocks=64, block_size=4, max_model_len=256)
     core.add_request(request("long", 40))
     core.add_request(request("short", 3))
-    step, inputs = core.schedule()
-    assert [(s.request_id, len(s.token_ids), s.sample) for s in inputs] == [("long", 16, False)]
-    core.apply(step, {})
-    step, inputs = core.schedule()
-    assert [(s.request_id, s.start_position, len(s.token_ids)) for s in inputs] == [("long", 16, 16)]
-    core.apply(step, {})
-    step, inputs = core.schedule()
+    step, scheduled = core.schedule()
+    assert chunks(scheduled) == [("long", 0, 16, False)]
+    core.apply(step, SampledTokens())
+    step, scheduled = core.schedule()
+    assert chunks(scheduled) == [("long", 16, 16, False)]
+    core.apply(step, SampledTokens())
+    step, scheduled = core.schedule()
     # The rest of the long prompt, and the short request joins in the same step.
-    assert [(s.request_id, len(s.token_ids), s.sample) for s in inputs] == [("long", 8, True), ("short", 3, True)]
+    assert chunks(scheduled) == [("long", 32, 8, True), ("short", 0, 3, True)]
 
 
 def test_new_requests_join_a_running_batch_between_steps():
     core = EngineCore(SchedulerConfig(), num_kv_blocks=64, block_size=4, max_model_len=256)
     core.add_request(request("a", 5))
     step, _ = core.schedule()
-    core.apply(step, {"a": 1})
+    core.apply(step, SampledTokens({"a": 1}))
     core.add_request(request("b", 5, first_token=50))
-    _, inputs = core.schedule()
-    assert [(s.request_id, len(s.token_ids)) for s in inputs] == [("a", 1), ("b", 5)]
+    _, scheduled = core.schedule()
+    assert [(rid, n) for rid, _, n, _ in chunks(scheduled)] == [("a", 1), ("b", 5)]
 
 
 def test_preemption_recomputes_and_never_drops_a_request():
@@ -131,7 +144,7 @@ def test_abort_frees_blocks_at_once_even_mid_prefill():
     core = EngineCore(SchedulerConfig(max_num_batched_tokens=8), num_kv_blocks=16, block_size=4, max_model_len=256)
     core.add_request(request("a", 30))
     step, _ = core.schedule()
-    core.apply(step, {})
+    core.apply(step, SampledTokens())
     assert core.block_manager.num_free_blocks < 16
     out = core.abort("a")
     assert out.status is RequestStatus.FINISHED_ABORTED
@@ -144,3 +157,98 @@ def test_max_num_seqs_bounds_the_batch():
     for i in range(4):
         scheduler.add(request(str(i), 3))
     assert len(scheduler.schedule().scheduled) == 2
+
+
+def test_a_request_crosses_to_the_runner_once_then_as_deltas():
+    core = EngineCore(SchedulerConfig(), num_kv_blocks=16, block_size=4, max_model_len=256)
+    params = SamplingParams(max_tokens=8, temperature=0, min_tokens=2)
+    core.add_request(Request("a", [5, 6, 7, 8, 9, 10], params, seed=3, eos_token_ids=frozenset({2})))
+    step, scheduled = core.schedule()
+    (new,) = scheduled.new_requests
+    assert (new.request_id, new.prompt_token_ids, new.output_token_ids, new.sampling_params, new.seed) == \
+        ("a", (5, 6, 7, 8, 9, 10), (), params, 3)
+    assert chunks(scheduled) == [("a", 0, 6, True)] and len(scheduled.new_block_ids[0]) == 2
+    assert scheduled.banned_token_ids == ((2,),)  # end of sequence is banned until min_tokens
+    new_blocks = []
+    for position in range(6, 10):
+        core.apply(step, SampledTokens({"a": 11}))
+        step, scheduled = core.schedule()
+        assert scheduled.new_requests == () and chunks(scheduled) == [("a", position, 1, True)]
+        new_blocks.append(len(scheduled.new_block_ids[0]))
+        assert scheduled.banned_token_ids == (((2,),) if position < 7 else ((),))
+    assert new_blocks == [0, 0, 1, 0]  # a third block when position 8 is reached
+
+
+def test_finished_aborted_and_preempted_requests_are_freed_in_the_next_step():
+    core = EngineCore(SchedulerConfig(), num_kv_blocks=16, block_size=4, max_model_len=256)
+    core.add_request(request("done", 3, max_tokens=1))
+    core.add_request(request("gone", 3))
+    step, scheduled = core.schedule()
+    core.apply(step, sample_all(scheduled, 7))
+    core.abort("gone")
+    core.add_request(request("next", 3))
+    _, scheduled = core.schedule()
+    assert sorted(scheduled.freed_request_ids) == ["done", "gone"]
+    assert [n.request_id for n in scheduled.new_requests] == ["next"]
+
+    core = EngineCore(SchedulerConfig(), num_kv_blocks=6, block_size=4, max_model_len=256)
+    for i in range(3):
+        core.add_request(request(str(i), 6))
+    outputs: dict[str, list[int]] = {str(i): [] for i in range(3)}
+    preempted = None
+    while preempted is None:
+        step, scheduled = core.schedule()
+        if step.preempted_request_ids:
+            preempted = step.preempted_request_ids[0]
+            assert preempted in scheduled.freed_request_ids and preempted not in scheduled.request_ids
+        core.apply(step, sample_all(scheduled, 7))
+        for rid, _, _, sample in chunks(scheduled):
+            outputs[rid] += [7] if sample else []
+    while preempted not in [n.request_id for n in scheduled.new_requests]:
+        step, scheduled = core.schedule()
+        core.apply(step, sample_all(scheduled, 7))
+    (resumed,) = [n for n in scheduled.new_requests if n.request_id == preempted]
+    assert resumed.output_token_ids == tuple(outputs[preempted]) and resumed.output_token_ids  # recomputed, not lost
+
+
+def test_runner_state_kept_by_deltas_equals_the_core_requests_after_every_step():
+    """Random arrivals, shared prefixes, chunked prefill, aborts, end of sequence and preemption: after
+    every step, what the runner keeps from deltas is what the core's requests hold."""
+    rng = random.Random(0)
+    seen = {"preempted": 0, "prefix_hits": 0, "aborted": 0, "chunked": 0}
+    for trial in range(30):
+        core = EngineCore(SchedulerConfig(max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=rng.choice([8, 16, 64])),
+                          num_kv_blocks=rng.choice([10, 16, 32]), block_size=4, max_model_len=64)
+        prefixes = [[rng.randrange(1, 20) for _ in range(8)] for _ in range(2)]
+        states: dict = {}
+        for i in range(rng.randint(4, 12)):
+            prompt = rng.choice(prefixes)[: rng.randint(0, 8)] + [rng.randrange(1, 20) for _ in range(rng.randint(1, 12))]
+            core.add_request(Request(f"{trial}-{i}", prompt, SamplingParams(max_tokens=rng.randint(1, 12)), seed=i,
+                                     eos_token_ids=frozenset({0})))
+        while core.has_work():
+            if core.requests and rng.random() < 0.03:
+                core.abort(rng.choice(sorted(core.requests)))
+                seen["aborted"] += 1
+                continue
+            step, scheduled = core.schedule()
+            seen["preempted"] += step.num_preempted
+            if not scheduled.num_requests:
+                continue
+            update_states(states, scheduled)
+            packed = pack_step(states, scheduled, 4)
+            assert set(states) == {r.request_id for r in core.scheduler.running}
+            for item, (state, start, n) in zip(step.scheduled, packed.chunks):
+                r = item.request
+                assert (state.request_id, start, n) == (r.request_id, r.num_computed_tokens, item.num_new_tokens)
+                assert state.token_ids == r.prompt_token_ids + r.output_token_ids and state.block_ids == r.block_ids
+                seen["prefix_hits"] += item.is_new and r.num_computed_tokens > 0
+                seen["chunked"] += not item.samples
+            assert packed.input_ids == [t for item in step.scheduled for t in item.request.token_ids(
+                item.request.num_computed_tokens, item.request.num_computed_tokens + item.num_new_tokens)]
+            assert packed.slots == [r.block_ids[p // 4] * 4 + p % 4 for item in step.scheduled if (r := item.request)
+                                    for p in range(r.num_computed_tokens, r.num_computed_tokens + item.num_new_tokens)]
+            sampled = SampledTokens({s.request_id: rng.randrange(20) for s in packed.sampled})
+            record_samples(packed, sampled)
+            core.apply(step, sampled)
+        assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+    assert all(seen.values()), seen

@@ -11,7 +11,9 @@ from transerve.config import EngineConfig
 from transerve.engine import models
 from transerve.engine.core import EngineCore
 from transerve.engine.cpu_linear import transposed_copy_bytes
-from transerve.engine.model_runner import ModelRunner, choose_num_kv_blocks, load_model, resolve_device, resolve_dtype
+from transerve.engine.kv_sizing import choose_num_kv_blocks
+from transerve.engine.model_runner import ModelRunner
+from transerve.engine.models import load_model, resolve_device, resolve_dtype
 from transerve.engine.whisper import Transcriber, is_speech_to_text, load_transcriber
 
 log = logging.getLogger(__name__)

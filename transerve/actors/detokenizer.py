@@ -14,7 +14,7 @@ from transerve.actors.messages import (
 )
 from transerve.actors.output_parser import OutputParser
 from transerve.actors.tool_formats import marker_tokens
-from transerve.engine.sampling import SampledLogprobs
+from transerve.engine.step import SampledLogprobs
 
 log = logging.getLogger(__name__)
 

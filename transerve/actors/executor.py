@@ -26,16 +26,15 @@ async def executor_actor(
         async for message in inbox:
             try:
                 # A worker thread keeps the event loop serving HTTP while the model computes.
-                sampled = await anyio.to_thread.run_sync(runner.execute, message.seqs)
-                result = StepResult(tuple(sampled.items()), logprobs=tuple(getattr(sampled, "logprobs", {}).items()))
+                result = StepResult(await anyio.to_thread.run_sync(runner.execute, message.step))
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
-                _log_failure(seen, error, len(message.seqs))
+                _log_failure(seen, error, message.step.num_requests)
                 if isinstance(exc, torch.OutOfMemoryError):
                     # The failed step's activations are garbage now; give their memory back to the
                     # allocator so the next, maybe smaller, step can run.
                     await anyio.to_thread.run_sync(torch.cuda.empty_cache)
-                result = StepResult((), error=error)
+                result = StepResult(error=error)
             await to_scheduler.send(result)
 
 

@@ -7,9 +7,8 @@ from typing import Any
 
 from anyio.abc import ObjectSendStream
 
-from transerve.engine.model_runner import SequenceInput
 from transerve.engine.request import SamplingParams
-from transerve.engine.sampling import SampledLogprobs
+from transerve.engine.step import SampledLogprobs, SampledTokens, ScheduledStep
 
 
 # handler -> tokenizer -> detokenizer: how to split the model's text into answer, thoughts and tool calls
@@ -74,15 +73,14 @@ class Abort:
 # scheduler -> executor
 @dataclass(frozen=True)
 class ExecuteStep:
-    seqs: tuple[SequenceInput, ...]
+    step: ScheduledStep
 
 
 # executor -> scheduler
 @dataclass(frozen=True)
 class StepResult:
-    sampled: tuple[tuple[str, int], ...]  # (request_id, token_id)
-    error: str | None = None
-    logprobs: tuple[tuple[str, SampledLogprobs], ...] = ()  # for the requests that asked
+    sampled: SampledTokens = SampledTokens()
+    error: str | None = None  # the step raised: nothing was sampled
 
 
 # scheduler -> detokenizer

@@ -14,8 +14,8 @@ from transerve.actors.messages import (
 )
 from transerve.engine.core import EngineCore, TokenOutput
 from transerve.engine.request import Request
-from transerve.engine.sampling import SampledLogprobs
 from transerve.engine.stats import SchedulerStats
+from transerve.engine.step import SampledLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +91,20 @@ class SchedulerActor:
             ))
 
     async def run_step(self) -> None:
-        step, inputs = self.core.schedule()
-        if not inputs:
+        step, scheduled = self.core.schedule()
+        if not scheduled.num_requests:
             # Nothing fits now (preempted requests resume next step). Yield to the event loop so a
             # scheduler that cannot progress never starves HTTP and the other actors.
             await anyio.sleep(0)
             return
-        await self.to_executor.send(ExecuteStep(inputs))
+        await self.to_executor.send(ExecuteStep(scheduled))
         result = await self.from_executor.receive()
         if result.error is not None:
             outputs = self.core.fail(step)
             for out in outputs:
                 await self.to_detokenizer.send(RequestFailed(out.request_id, f"model step failed: {result.error}", 500))
             return
-        outputs = self.core.apply(step, dict(result.sampled))
+        outputs = self.core.apply(step, result.sampled)
         if outputs:
-            logprobs = dict(result.logprobs)
+            logprobs = result.sampled.logprobs
             await self.to_detokenizer.send(StepOutput(tuple(_new_token(out, logprobs.get(out.request_id)) for out in outputs)))

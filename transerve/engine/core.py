@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 from transerve.config import SchedulerConfig
 from transerve.engine.block_manager import BlockManager
-from transerve.engine.model_runner import SequenceInput
-from transerve.engine.request import ContextLengthError, Request, RequestStatus, fit_max_tokens
-from transerve.engine.sampling import banned_token_ids
+from transerve.engine.request import ContextLengthError, Request, RequestStatus, banned_token_ids, fit_max_tokens
 from transerve.engine.scheduler import Scheduler, Step
 from transerve.engine.stats import SchedulerStats
+from transerve.engine.step import NewRequest, SampledTokens, ScheduledStep
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,7 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
         self.num_failed_steps = 0  # steps whose model call raised; read by /metrics
+        self.freed_request_ids: list[str] = []  # for the next step that runs: the runner drops their state
 
     def add_request(self, request: Request) -> bool:
         """Queue a request, its max_tokens resolved by `fit_max_tokens` (the server's tokenizer has done so
@@ -57,42 +57,45 @@ class EngineCore:
         if request is None:
             return None
         self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        self.freed_request_ids.append(request_id)
         return self._output(request, None)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def schedule(self) -> tuple[Step, tuple[SequenceInput, ...]]:
+    def schedule(self) -> tuple[Step, ScheduledStep]:
+        """The next step, and what the model runner needs of it (engine/step.py): the data of requests it
+        has not seen, deltas for the others. A step with no requests is not for the runner."""
         step = self.scheduler.schedule()
-        inputs = []
+        self.freed_request_ids.extend(step.preempted_request_ids)
+        if not step.scheduled:
+            return step, EMPTY_STEP
+        new_requests = []
+        computed, scheduled, blocks, samples, bans = [], [], [], [], []
         for item in step.scheduled:
             request = item.request
-            start = request.num_computed_tokens
-            params = request.sampling_params
-            inputs.append(SequenceInput(
-                request_id=request.request_id,
-                token_ids=tuple(request.token_ids(start, start + item.num_new_tokens)),
-                start_position=start,
-                block_ids=tuple(request.block_ids),
-                sample=item.samples,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=params.top_k,
-                min_p=params.min_p,
-                seed=request.seed,
-                output_index=request.num_output_tokens,
-                multimodal=request.multimodal,
-                **(_sampling_extras(request) if item.samples else {}),
-            ))
-        return step, tuple(inputs)
+            if item.is_new:
+                new_requests.append(NewRequest(request.request_id, tuple(request.prompt_token_ids),
+                                               tuple(request.output_token_ids), request.sampling_params, request.seed,
+                                               request.multimodal))
+            computed.append(request.num_computed_tokens)
+            scheduled.append(item.num_new_tokens)
+            blocks.append(item.new_block_ids)
+            sample = item.samples
+            samples.append(sample)
+            bans.append(banned_token_ids(request) if sample and request.sampling_params.has_bans else ())
+        freed, self.freed_request_ids = tuple(self.freed_request_ids), []
+        return step, ScheduledStep(tuple(new_requests), tuple(item.request.request_id for item in step.scheduled),
+                                   tuple(computed), tuple(scheduled), tuple(blocks), tuple(samples), tuple(bans), freed)
 
-    def apply(self, step: Step, sampled: dict[str, int]) -> list[TokenOutput]:
+    def apply(self, step: Step, sampled: SampledTokens) -> list[TokenOutput]:
         """Apply a step's sampled tokens; one output per new token, finished requests removed."""
         outputs = []
-        for request in self.scheduler.update(step, sampled):
+        for request in self.scheduler.update(step, sampled.token_ids):
             outputs.append(self._output(request, request.output_token_ids[-1]))
             if request.status.is_finished:
                 del self.requests[request.request_id]
+                self.freed_request_ids.append(request.request_id)
         return outputs
 
     def fail(self, step: Step) -> list[TokenOutput]:
@@ -110,23 +113,7 @@ class EngineCore:
                               self.scheduler.num_preemptions, self.num_failed_steps)
 
 
-def _sampling_extras(request: Request) -> dict:
-    """The SequenceInput fields beyond the basic sampling knobs, only those the request uses."""
-    params = request.sampling_params
-    extras: dict = {}
-    if params.logit_bias:
-        extras["logit_bias"] = params.logit_bias
-    if params.has_bans:
-        extras["banned_token_ids"] = banned_token_ids(request)
-    if params.has_penalties:
-        extras.update(
-            repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty, prompt_token_ids=tuple(request.prompt_token_ids),
-            output_token_ids=tuple(request.output_token_ids),
-        )
-    if params.num_logprobs is not None:
-        extras["num_logprobs"] = params.num_logprobs
-    return extras
+EMPTY_STEP = ScheduledStep((), (), (), (), (), (), ())
 
 
 def generate(core: EngineCore, runner, requests: list[Request]) -> dict[str, list[int]]:
@@ -136,9 +123,9 @@ def generate(core: EngineCore, runner, requests: list[Request]) -> dict[str, lis
         if not core.add_request(request):
             raise ValueError(f"request {request.request_id} does not fit in the KV cache")
     while core.has_work():
-        step, inputs = core.schedule()
-        if not inputs:
+        step, scheduled = core.schedule()
+        if not scheduled.num_requests:
             raise RuntimeError("no request fits in the KV cache")
-        for out in core.apply(step, runner.execute(inputs)):
+        for out in core.apply(step, runner.execute(scheduled)):
             outputs[out.request_id].append(out.token_id)
     return outputs

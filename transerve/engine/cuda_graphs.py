@@ -1,17 +1,7 @@
-"""Decode steps as CUDA graphs, one per batch-size bucket, and KV cache sizing from device memory.
+"""Decode steps as CUDA graphs, one per batch-size bucket.
 
-Not wired in yet. The model runner would use it like this (see `ModelRunner.execute`):
-
-    # __init__, on CUDA, after the KV caches exist:
-    self.graphs = DecodeGraphs(model, self.kv_caches, self.write_kv, self.paged_attention,
-                               max_num_seqs=config.scheduler.max_num_seqs,
-                               max_blocks_per_seq=self.max_blocks_per_seq, block_size=self.block_size)
-    self.graphs.capture()
-    # execute(), once the Python lists are built:
-    if self.graphs is not None and len(input_ids) == len(seqs) == len(keep) and self.graphs.bucket(len(seqs)):
-        logits = self.graphs.run(input_ids, positions, slots, tables, seq_lens)  # [num_seqs, vocab] fp32
-    else:
-        ... the eager forward as now ...
+`ModelRunner` captures them on CUDA (unless --enforce-eager) and replays one for every step that only
+decodes, with no images to merge, at a batch size some bucket holds.
 
 A replay skips the Python of the model's forward and its few hundred kernel launches, which for a
 small model is most of a decode step. Buckets are padded up: padding rows write no KV (slot -1) and
@@ -28,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from transerve.engine.model_runner import PagedBatch
+from transerve.engine.attention import PagedBatch
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -116,29 +106,3 @@ class DecodeGraphs:
             return self.logits[bs][:n]
         return self._forward(bs)[:n]
 
-
-def kv_blocks_for_memory(model, block_size: int, memory_fraction: float, profile: Callable[[], None],
-                         device: torch.device) -> int:
-    """KV blocks that fit in `memory_fraction` of the device's total memory, after the model, the
-    activation peak of `profile()` (run the largest step the scheduler allows: max_num_batched_tokens
-    of prefill, then sampling max_num_seqs rows) and whatever other processes hold.
-
-    This is vLLM's --gpu-memory-utilization: the fraction of the whole card this engine may use."""
-    from transerve.engine.model_runner import kv_bytes_per_block
-
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    profile()
-    torch.cuda.synchronize(device)
-    activations = torch.cuda.max_memory_allocated(device) - before
-    torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(device)
-    used_elsewhere_and_model = total - free  # includes our weights and the CUDA context
-    graphs_reserve = 256 << 20  # decode graphs' pools: small next to the prefill peak
-    budget = int(total * memory_fraction) - used_elsewhere_and_model - activations - graphs_reserve
-    if budget <= 0:
-        raise RuntimeError(f"no memory left for the KV cache at memory fraction {memory_fraction}: "
-                           f"{used_elsewhere_and_model >> 20} MiB in use, {activations >> 20} MiB activation peak")
-    return budget // kv_bytes_per_block(model, block_size)

@@ -102,8 +102,9 @@ class MultimodalRunner:
             self.cached_rows -= evicted.shape[0]
         return rows
 
-    def step_inputs(self, seqs, input_ids: list[int], positions: list[int], device: torch.device):
-        """Adjust a packed step for its image requests.
+    def step_inputs(self, chunks, input_ids: list[int], positions: list[int], device: torch.device):
+        """Adjust a packed step for its image requests; `chunks` are its (request state, start, tokens) in
+        packing order (engine/batch.py).
 
         Returns (positions, model inputs or None). Decode positions of M-RoPE requests are shifted in the
         list, which keeps pure decode steps on the ordinary path (CUDA graphs included). A step with a
@@ -113,11 +114,10 @@ class MultimodalRunner:
         merges: list[tuple[int, int, torch.Tensor]] = []  # (packed row, rows) pairs to overwrite
         mrope_chunks: list[tuple[int, int, MultimodalPrompt, int]] = []  # (packed row, start, prompt, n)
         row = 0
-        for seq in seqs:
-            n = len(seq.token_ids)
-            prompt = seq.multimodal
+        for state, start, n in chunks:
+            prompt = state.multimodal
             if prompt is not None:
-                start, end = seq.start_position, seq.start_position + n
+                end = start + n
                 if start < prompt.prompt_len:
                     for image in prompt.images:
                         lo, hi = max(start, image.offset), min(end, image.offset + image.length)

@@ -1,4 +1,4 @@
-"""Request state as the engine sees it: token ids, progress through the KV cache, status."""
+"""Request state as the engine sees it: token ids, progress through the KV cache, status, this step's bans."""
 
 from __future__ import annotations
 
@@ -132,3 +132,27 @@ class Request:
         if start >= n:
             return self.output_token_ids[start - n : end - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+
+def banned_token_ids(request: Request) -> tuple[int, ...]:
+    """Tokens the request must not sample next: end of sequence before min_tokens, any token that
+    would repeat an n-gram (transformers' no_repeat_ngram_size, over prompt and output), and the last
+    token of a bad word whose other tokens were just generated."""
+    params = request.sampling_params
+    banned: set[int] = set()
+    if request.num_output_tokens < params.min_tokens:
+        banned.update(request.eos_token_ids)
+        banned.update(params.stop_token_ids)
+    n = params.no_repeat_ngram_size
+    if n or params.bad_words_ids:
+        tokens = request.prompt_token_ids + request.output_token_ids
+        if n and len(tokens) >= n - 1:
+            tail = tokens[len(tokens) - (n - 1):] if n > 1 else []
+            for start in range(len(tokens) - n + 1):
+                if tokens[start:start + n - 1] == tail:
+                    banned.add(tokens[start + n - 1])
+        for word in params.bad_words_ids:
+            prefix = list(word[:-1])
+            if len(word) > 1 and tokens[len(tokens) - len(prefix):] == prefix:
+                banned.add(word[-1])
+    return tuple(sorted(banned))

@@ -1,66 +1,23 @@
 """Everything around the sampling kernel: per-request logit edits in, token ids and logprobs out.
 
-`banned_token_ids` runs in the engine core, which has each request's tokens; `sample_step` runs at the
-end of `ModelRunner.execute` and turns one step's sequences into a single batched kernel call.
+`sample_step` runs at the end of `ModelRunner.execute` and turns one step's sampling requests into a
+single batched kernel call. (This step's banned tokens come from the engine core: `request.banned_token_ids`.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
-from transerve.engine.request import Request
-
-if TYPE_CHECKING:
-    from transerve.engine.model_runner import SequenceInput
+from transerve.engine.batch import RequestState
+from transerve.engine.step import SampledLogprobs, SampledTokens
 
 
-def banned_token_ids(request: Request) -> tuple[int, ...]:
-    """Tokens the request must not sample next: end of sequence before min_tokens, any token that
-    would repeat an n-gram (transformers' no_repeat_ngram_size, over prompt and output), and the last
-    token of a bad word whose other tokens were just generated."""
-    params = request.sampling_params
-    banned: set[int] = set()
-    if request.num_output_tokens < params.min_tokens:
-        banned.update(request.eos_token_ids)
-        banned.update(params.stop_token_ids)
-    n = params.no_repeat_ngram_size
-    if n or params.bad_words_ids:
-        tokens = request.prompt_token_ids + request.output_token_ids
-        if n and len(tokens) >= n - 1:
-            tail = tokens[len(tokens) - (n - 1):] if n > 1 else []
-            for start in range(len(tokens) - n + 1):
-                if tokens[start:start + n - 1] == tail:
-                    banned.add(tokens[start + n - 1])
-        for word in params.bad_words_ids:
-            prefix = list(word[:-1])
-            if len(word) > 1 and tokens[len(tokens) - len(prefix):] == prefix:
-                banned.add(word[-1])
-    return tuple(sorted(banned))
-
-
-@dataclass(frozen=True)
-class SampledLogprobs:
-    """Of the sampled token and of the most likely ones, after logit_bias (the kernel's input)."""
-
-    logprob: float
-    top_ids: tuple[int, ...]
-    top_logprobs: tuple[float, ...]
-
-
-class StepSamples(dict):
-    """request_id -> sampled token id, as `execute` has always returned, plus `logprobs` for the
-    requests that asked for them: a dict subclass, so every caller that wants only tokens is unchanged."""
-
-    def __init__(self, tokens: dict[str, int] | None = None, logprobs: dict[str, SampledLogprobs] | None = None):
-        super().__init__(tokens or {})
-        self.logprobs: dict[str, SampledLogprobs] = logprobs or {}
-
-
-def sample_step(sample: Callable, logits: torch.Tensor, seqs: list[SequenceInput]) -> StepSamples:
-    """One kernel call for the whole step. `logits` is [len(seqs), vocab] float32, row i for seqs[i]."""
+def sample_step(sample: Callable, logits: torch.Tensor, requests: list[RequestState],
+                bans: list[tuple[int, ...]]) -> SampledTokens:
+    """One kernel call for the whole step. `logits` is [len(requests), vocab] float32, row i for requests[i],
+    whose banned tokens this step are bans[i]."""
     device = logits.device
 
     def tensor(values, dtype):
@@ -69,47 +26,49 @@ def sample_step(sample: Callable, logits: torch.Tensor, seqs: list[SequenceInput
     rows: list[int] = []
     cols: list[int] = []
     values: list[float] = []
-    for row, seq in enumerate(seqs):
-        for token_id, bias in seq.logit_bias:
+    for row, (request, banned) in enumerate(zip(requests, bans)):
+        for token_id, bias in request.params.logit_bias:
             rows.append(row), cols.append(token_id), values.append(bias)
-        for token_id in seq.banned_token_ids:
+        for token_id in banned:
             rows.append(row), cols.append(token_id), values.append(float("-inf"))
-    if rows:  # logit_bias and bans are sparse: one scatter, not a dense [seqs, vocab] bias
+    if rows:  # logit_bias and bans are sparse: one scatter, not a dense [requests, vocab] bias
         logits = logits.index_put((tensor(rows, torch.int64), tensor(cols, torch.int64)),
                                   tensor(values, torch.float32), accumulate=True)
+    params = [r.params for r in requests]
     kwargs = {}
-    if any(seq.repetition_penalty != 1.0 or seq.presence_penalty or seq.frequency_penalty for seq in seqs):
+    if any(p.has_penalties for p in params):
         kwargs.update(
-            repetition_penalty=tensor([s.repetition_penalty for s in seqs], torch.float32),
-            presence_penalty=tensor([s.presence_penalty for s in seqs], torch.float32),
-            frequency_penalty=tensor([s.frequency_penalty for s in seqs], torch.float32),
-            prompt_token_ids=_padded([s.prompt_token_ids for s in seqs], tensor),
-            output_token_ids=_padded([s.output_token_ids for s in seqs], tensor),
+            repetition_penalty=tensor([p.repetition_penalty for p in params], torch.float32),
+            presence_penalty=tensor([p.presence_penalty for p in params], torch.float32),
+            frequency_penalty=tensor([p.frequency_penalty for p in params], torch.float32),
+            # Requests without penalties give no tokens: their penalties are neutral anyway.
+            prompt_token_ids=_padded([r.token_ids[: r.num_prompt_tokens] if r.params.has_penalties else () for r in requests], tensor),
+            output_token_ids=_padded([r.token_ids[r.num_prompt_tokens:] if r.params.has_penalties else () for r in requests], tensor),
         )
-    wanted = [s.num_logprobs for s in seqs if s.num_logprobs is not None]
+    wanted = [p.num_logprobs for p in params if p.num_logprobs is not None]
     if wanted:
         kwargs["num_logprobs"] = max(wanted)
     out = sample(
         logits,
-        tensor([s.temperature for s in seqs], torch.float32),
-        tensor([s.top_k for s in seqs], torch.int32),
-        tensor([s.top_p for s in seqs], torch.float32),
-        tensor([s.min_p for s in seqs], torch.float32),
-        tensor([s.seed for s in seqs], torch.int64),
-        tensor([s.output_index for s in seqs], torch.int64),
+        tensor([p.temperature for p in params], torch.float32),
+        tensor([p.top_k for p in params], torch.int32),
+        tensor([p.top_p for p in params], torch.float32),
+        tensor([p.min_p for p in params], torch.float32),
+        tensor([r.seed for r in requests], torch.int64),
+        tensor([r.num_output_tokens for r in requests], torch.int64),
         **kwargs,
     )
     if not wanted:
-        return StepSamples({seq.request_id: token_id for seq, token_id in zip(seqs, out.tolist())})
+        return SampledTokens({r.request_id: token_id for r, token_id in zip(requests, out.tolist())})
     token_ids, chosen = out.token_ids.tolist(), out.logprobs.tolist()
     top_ids, top_logprobs = out.top_token_ids.tolist(), out.top_logprobs.tolist()
     logprobs = {
-        seq.request_id: SampledLogprobs(chosen[i], tuple(top_ids[i][: seq.num_logprobs]), tuple(top_logprobs[i][: seq.num_logprobs]))
-        for i, seq in enumerate(seqs) if seq.num_logprobs is not None
+        r.request_id: SampledLogprobs(chosen[i], tuple(top_ids[i][: n]), tuple(top_logprobs[i][: n]))
+        for i, r in enumerate(requests) if (n := r.params.num_logprobs) is not None
     }
-    return StepSamples({seq.request_id: token_id for seq, token_id in zip(seqs, token_ids)}, logprobs)
+    return SampledTokens({r.request_id: token_id for r, token_id in zip(requests, token_ids)}, logprobs)
 
 
-def _padded(lists: list[tuple[int, ...]], tensor: Callable) -> torch.Tensor:
+def _padded(lists: list, tensor: Callable) -> torch.Tensor:
     width = max(1, max(len(ids) for ids in lists))
     return tensor([list(ids) + [-1] * (width - len(ids)) for ids in lists], torch.int64)

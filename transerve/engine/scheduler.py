@@ -9,6 +9,7 @@ is preempted: its blocks are freed and it goes back to the front of the queue, t
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from transerve.config import SchedulerConfig
@@ -20,6 +21,8 @@ from transerve.engine.request import Request, RequestStatus
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
+    new_block_ids: tuple[int, ...]  # blocks allocated this step; all of a newly admitted request's blocks
+    is_new: bool  # admitted this step (fresh, or resumed after preemption): the runner has no state for it
 
     @property
     def samples(self) -> bool:
@@ -30,11 +33,15 @@ class ScheduledRequest:
 @dataclass(frozen=True)
 class Step:
     scheduled: tuple[ScheduledRequest, ...]
-    num_preempted: int
+    preempted_request_ids: tuple[str, ...]
 
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def num_preempted(self) -> int:
+        return len(self.preempted_request_ids)
 
 
 class Scheduler:
@@ -55,24 +62,25 @@ class Scheduler:
     def schedule(self) -> Step:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
-        num_preempted = 0
+        preempted: list[str] = []
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_blocks = len(request.block_ids)
             while not self.block_manager.allocate_slots(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
-                num_preempted += 1
+                preempted.append(victim.request_id)
                 if victim is request:
                     break
             else:
-                scheduled.append(ScheduledRequest(request, num_new))
+                scheduled.append(ScheduledRequest(request, num_new, tuple(request.block_ids[num_blocks:]), False))
                 budget -= num_new
                 i += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not num_preempted:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             request = self.waiting[0]
             if request.num_computed_tokens == 0 and not request.block_ids:
                 self.block_manager.allocate_cached_prefix(request)
@@ -82,9 +90,9 @@ class Scheduler:
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled.append(ScheduledRequest(request, num_new))
+            scheduled.append(ScheduledRequest(request, num_new, tuple(request.block_ids), True))
             budget -= num_new
-        return Step(tuple(scheduled), num_preempted)
+        return Step(tuple(scheduled), tuple(preempted))
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)
@@ -93,7 +101,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update(self, step: Step, sampled: dict[str, int]) -> list[Request]:
+    def update(self, step: Step, sampled: Mapping[str, int]) -> list[Request]:
         """Apply a finished step: count computed tokens, append sampled tokens, finish requests.
 
         Returns the requests that produced a token this step, finished or not."""
