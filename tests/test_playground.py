@@ -13,6 +13,7 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
+from audio_helpers import build_tiny_whisper
 from conftest import LiveServer
 from vision_helpers import png_bytes, random_image, vlm_repos
 
@@ -27,6 +28,7 @@ ANSWER_TIMEOUT_MS = 120_000
 @pytest.fixture(scope="module")
 def server(smollm2_dir, tiny_repos, tmp_path_factory):
     vlm_repos(smollm2_dir, tmp_path_factory)
+    build_tiny_whisper(tmp_path_factory.mktemp("whisper"))
     # SmolLM2 is preloaded (the default); the tiny models load when the page first picks them.
     srv = LiveServer("--api-key", KEY, "--num-kv-blocks", "256", "--max-num-batched-tokens", "64")
     yield srv
@@ -195,6 +197,23 @@ def test_an_image_attached_by_picker_or_paste_reaches_a_vision_model(page, tmp_p
     ask(page, "tiny/qwen2-vl", "And this one?", max_tokens=8)
     wait_done(page)
     expect(page.locator(".message.user img.thumb")).to_have_count(2)
+    expect(last_answer(page).locator(".message-error")).to_have_count(0)
+
+
+def test_an_audio_file_is_transcribed_when_a_whisper_model_is_picked(page, tmp_path):
+    import numpy as np
+    import soundfile
+
+    audio = tmp_path / "note.wav"
+    soundfile.write(audio, np.random.default_rng(0).normal(0, 0.1, 16_000).astype(np.float32), 16_000)
+    page.select_option("#model", "tiny/whisper")
+    expect(page.locator("#attach-text")).to_have_text("Attach audio")
+    page.set_input_files("#attach", str(audio))
+    expect(page.locator("#attachments")).to_contain_text("note.wav")
+    page.click("#send")
+    wait_done(page)
+    expect(page.locator(".message.user")).to_contain_text("Audio: note.wav")
+    expect(last_answer(page).locator(".meta")).to_contain_text("tiny/whisper")
     expect(last_answer(page).locator(".message-error")).to_have_count(0)
 
 

@@ -130,8 +130,9 @@ function setBusy(busy) {
 }
 
 async function submit() {
+  if (!state.models.length) await loadModels(); // the key was refused earlier: this asks again
   const conversation = current();
-  if (state.controller || !conversation) return;
+  if (state.controller || !conversation || !state.models.length) return;
   const text = $("prompt").value;
   const audio = state.attachments.find((a) => a.kind === "audio");
   if (isWhisper(conversation.model)) {
