@@ -1,4 +1,4 @@
-"""GET /: the web playground, a single page and its two files, shipped in the package (no build step).
+"""GET /: the web playground, a single page and its own scripts and stylesheet, shipped in the package (no build step).
 
 Everything the page loads comes from this server; the page calls the same OpenAI-style API as any
 client (so it obeys --api-key: the page itself is open, its API calls carry the key the user gives).

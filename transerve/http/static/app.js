@@ -1,53 +1,23 @@
 // The playground: wires the page to the server's OpenAI-style API.
 
-import { api, ApiError, metricTotals, onKeyNeeded, sseEvents } from "./api.js";
+import { api, ApiError, sseEvents } from "./api.js";
+import { attach, attachments, clearAttachments } from "./attachments.js";
+import { installKeyDialog } from "./keydialog.js";
+import { startStatusStrip } from "./status.js";
 import {
   chatRequest, isWhisper, loadConversations, newConversation, saveConversations, savedCurrentId, SETTINGS,
 } from "./store.js";
-import { conversationItem, editInPlace, messageElement, updateMessage } from "./view.js";
+import { conversationItem, editInPlace, messageElement, showError, updateMessage } from "./view.js";
 
 const $ = (id) => document.getElementById(id);
-const state = { conversations: loadConversations(), currentId: savedCurrentId(), models: [], attachments: [], controller: null };
+const state = { conversations: loadConversations(), currentId: savedCurrentId(), models: [], controller: null };
 
 const current = () => state.conversations.find((c) => c.id === state.currentId);
-
-function showError(message) {
-  $("error").textContent = message || "";
-  $("error").hidden = !message;
-}
 
 function save() {
   const error = saveConversations(state.conversations, state.currentId);
   if (error) showError(`This browser would not keep the conversation (${error.name}): attached images fill its storage fastest.`);
 }
-
-// ---- the API key dialog -------------------------------------------------------------------------
-
-let keyPrompt = null;
-onKeyNeeded((message) => {
-  keyPrompt ??= new Promise((resolve) => {
-    const dialog = $("key-dialog");
-    $("key-message").textContent = message;
-    $("key-input").value = "";
-    const finish = (key) => {
-      keyPrompt = null;
-      dialog.close();
-      if (!key) showError(message);
-      resolve(key);
-    };
-    $("key-form").onsubmit = (event) => {
-      event.preventDefault();
-      finish($("key-input").value.trim());
-    };
-    $("key-cancel").onclick = () => finish(null);
-    dialog.oncancel = (event) => {
-      event.preventDefault();
-      finish(null);
-    };
-    dialog.showModal();
-  });
-  return keyPrompt;
-});
 
 // ---- models, conversations, settings ------------------------------------------------------------
 
@@ -134,13 +104,13 @@ async function submit() {
   const conversation = current();
   if (state.controller || !conversation || !state.models.length) return;
   const text = $("prompt").value;
-  const audio = state.attachments.find((a) => a.kind === "audio");
+  const audio = attachments().find((a) => a.kind === "audio");
   if (isWhisper(conversation.model)) {
     if (!audio) return showError("A Whisper model transcribes audio: attach an audio file first.");
-  } else if (!text.trim() && !state.attachments.length) {
+  } else if (!text.trim() && !attachments().length) {
     return;
   }
-  const images = state.attachments.filter((a) => a.kind === "image").map((a) => a.url);
+  const images = attachments().filter((a) => a.kind === "image").map((a) => a.url);
   conversation.messages.push({ role: "user", text, images, ...(audio ? { audio: audio.name } : {}) });
   if (conversation.title === "New chat") conversation.title = (text.trim() || audio?.name || "Image").slice(0, 48);
   $("prompt").value = "";
@@ -254,73 +224,6 @@ async function editTurn(element, index) {
   generate(conversation);
 }
 
-// ---- attachments --------------------------------------------------------------------------------
-
-function clearAttachments() {
-  state.attachments = [];
-  $("attach").value = "";
-  drawAttachments();
-}
-
-function drawAttachments() {
-  $("attachments").replaceChildren(...state.attachments.map((attachment, index) => {
-    const chip = document.createElement("span");
-    chip.className = "chip";
-    if (attachment.kind === "image") {
-      const image = document.createElement("img");
-      image.src = attachment.url;
-      image.alt = `attached image ${attachment.name}`;
-      chip.append(image);
-    } else {
-      chip.append(attachment.name);
-    }
-    const remove = document.createElement("button");
-    remove.type = "button";
-    remove.textContent = "×";
-    remove.setAttribute("aria-label", `Remove ${attachment.name}`);
-    remove.onclick = () => { state.attachments.splice(index, 1); drawAttachments(); };
-    chip.append(remove);
-    return chip;
-  }));
-}
-
-function readDataUrl(file) {
-  return new Promise((resolve, reject) => {
-    const reader = new FileReader();
-    reader.onload = () => resolve(reader.result);
-    reader.onerror = () => reject(reader.error);
-    reader.readAsDataURL(file);
-  });
-}
-
-async function attach(files) {
-  for (const file of files) {
-    if (file.type.startsWith("image/")) {
-      state.attachments.push({ kind: "image", name: file.name || "pasted image", url: await readDataUrl(file) });
-    } else if (file.type.startsWith("audio/") || isWhisper(current().model)) {
-      state.attachments = state.attachments.filter((a) => a.kind !== "audio");
-      state.attachments.push({ kind: "audio", name: file.name, file });
-    }
-  }
-  drawAttachments();
-}
-
-// ---- the status strip ---------------------------------------------------------------------------
-
-async function pollMetrics() {
-  if (document.hidden) return;
-  try {
-    const totals = metricTotals(await (await api("/metrics")).text());
-    const used = totals.transerve_kv_blocks_used || 0;
-    const all = used + (totals.transerve_kv_blocks_free || 0);
-    $("status-running").textContent = `running ${totals.transerve_num_requests_running || 0}`;
-    $("status-waiting").textContent = `waiting ${totals.transerve_num_requests_waiting || 0}`;
-    $("status-kv").textContent = `KV cache ${all ? Math.round((100 * used) / all) : 0}%`;
-  } catch {
-    $("status-running").textContent = "metrics unavailable";
-  }
-}
-
 // ---- wiring -------------------------------------------------------------------------------------
 
 function closeSidebarOnPhone() {
@@ -346,10 +249,10 @@ $("prompt").addEventListener("paste", (event) => {
   const files = [...event.clipboardData.files].filter((file) => file.type.startsWith("image/"));
   if (files.length) {
     event.preventDefault();
-    attach(files);
+    attach(files, isWhisper(current().model));
   }
 });
-$("attach").addEventListener("change", (event) => attach([...event.target.files]));
+$("attach").addEventListener("change", (event) => attach([...event.target.files], isWhisper(current().model)));
 $("stop").addEventListener("click", () => state.controller?.abort());
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape" && state.controller && !$("key-dialog").open) state.controller.abort();
@@ -370,7 +273,7 @@ for (const name of SETTINGS) $(name).addEventListener("input", (event) => { curr
 $("toggle-settings").addEventListener("click", () => toggle("toggle-settings", (open) => { $("settings").hidden = !open; }));
 $("toggle-sidebar").addEventListener("click", () => toggle("toggle-sidebar", (open) => $("sidebar").classList.toggle("open", open)));
 
+installKeyDialog();
 selectConversation(state.currentId);
 loadModels();
-pollMetrics();
-setInterval(pollMetrics, 1500);
+startStatusStrip();

@@ -3,6 +3,12 @@
 
 import { renderMarkdown } from "./markdown.js";
 
+export function showError(message) {
+  const banner = document.getElementById("error");
+  banner.textContent = message || "";
+  banner.hidden = !message;
+}
+
 const template = () => document.getElementById("message-template");
 
 function button(label, onClick, ariaLabel) {
