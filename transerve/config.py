@@ -91,6 +91,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from; "*" for any; () for none
     max_request_bytes: int = 64 * 1024 * 1024  # larger bodies get a 413 before they are read whole
     shutdown_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+    playground: bool = True  # the web playground at GET /
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queued-requests", type=int, default=512,
                        help="requests that may wait beyond a full batch; past that, 429 with Retry-After (default: 512)")
     serve.add_argument("--api-key", default=os.environ.get("TRANSERVE_API_KEY") or None,
-                       help="require `Authorization: Bearer KEY` on all but /health, /metrics and /openapi.json "
+                       help="require `Authorization: Bearer KEY` on all but /health, /metrics, /openapi.json and the "
+                            "playground page (which asks for the key) "
                             "(default: $TRANSERVE_API_KEY; prefer the variable, command lines are visible to other users)")
     serve.add_argument("--allowed-origins", default="",
                        help="CORS: comma-separated origins (https://app.example.com) that browsers may call from, "
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest request body; larger ones get 413 (default: 67108864, 64 MiB)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="on SIGTERM or Ctrl-C, seconds that in-flight requests get to finish (default: 30)")
+    serve.add_argument("--no-playground", action="store_true", help="do not serve the web playground at /")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
 
     download = sub.add_parser("download", help="download a model into the Hugging Face cache")

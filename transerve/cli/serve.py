@@ -29,6 +29,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         max_request_bytes=args.max_request_bytes,
         shutdown_timeout_s=args.shutdown_timeout,
+        playground=not args.no_playground,
         engine=EngineConfig(
             device=args.device,
             dtype=args.dtype,

@@ -17,9 +17,12 @@ from quart import Quart, request
 from quart_cors import cors
 
 from transerve.http.errors import OpenAIError
+from transerve.http.playground import STATIC_PREFIX
 
-# Liveness, scraping and the API description stay reachable without the key, as in vLLM and TGI.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
+# Liveness, scraping and the API description stay reachable without the key, as in vLLM and TGI; so
+# do the playground page and its files, which ask the user for the key their API calls then send.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/"})
+OPEN_PREFIXES = (STATIC_PREFIX + "/",)
 
 
 def install_guards(app: Quart, api_key: str | None, allowed_origins: tuple[str, ...], max_request_bytes: int) -> None:
@@ -42,7 +45,7 @@ def _api_key_check(api_key: str):
     expected = api_key.encode()
 
     async def check() -> None:
-        if request.method == "OPTIONS" or request.path in OPEN_PATHS:
+        if request.method == "OPTIONS" or request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES):
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
