@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 import torch
-from pydantic import TypeAdapter
+from pydantic import Discriminator, Tag, TypeAdapter
 
 from conftest import LiveServer, save_in_hf_cache
 
@@ -139,9 +139,10 @@ def post(server, path: str, body: dict) -> httpx.Response:
 # constructs its objects, so a field of the wrong type would pass unnoticed there).
 
 def _answer_types() -> dict[str, tuple[TypeAdapter, TypeAdapter]]:
-    from typing import Literal
+    from typing import Annotated, Literal
 
     from openai.types import Completion, CompletionChoice
+    from openai.types.audio import Transcription, TranscriptionStreamEvent, TranscriptionVerbose
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
     from openai.types.responses import Response, ResponseStreamEvent
 
@@ -153,9 +154,14 @@ def _answer_types() -> dict[str, tuple[TypeAdapter, TypeAdapter]]:
     class CompletionChunk(Completion):
         choices: list[StreamedChoice]
 
+    # A transcript is verbose_json when it says how long the audio is; each form is checked as itself
+    # (every openai type takes extra keys, so a plain Transcription would pass any verbose body).
+    transcript = Annotated[Annotated[TranscriptionVerbose, Tag("verbose_json")] | Annotated[Transcription, Tag("json")],
+                           Discriminator(lambda body: "verbose_json" if "duration" in body else "json")]
     return {"/v1/chat/completions": (TypeAdapter(ChatCompletion), TypeAdapter(ChatCompletionChunk)),
             "/v1/completions": (TypeAdapter(Completion), TypeAdapter(CompletionChunk)),
-            "/v1/responses": (TypeAdapter(Response), TypeAdapter(ResponseStreamEvent))}
+            "/v1/responses": (TypeAdapter(Response), TypeAdapter(ResponseStreamEvent)),
+            "/v1/audio/transcriptions": (TypeAdapter(transcript), TypeAdapter(TranscriptionStreamEvent))}
 
 
 def check_body(path: str, status: int, content_type: str, text: str) -> None:
@@ -190,10 +196,10 @@ async def _achecked(response: httpx.Response) -> None:
     check_body(response.request.url.path, response.status_code, response.headers.get("content-type", ""), response.text)
 
 
-def sdk_client(base_url: str, api_key: str = "unused") -> openai.OpenAI:
+def sdk_client(base_url: str, api_key: str = "unused", timeout: float = 120) -> openai.OpenAI:
     """The openai SDK, every answer it reads validated (streams are read whole first)."""
     return openai.OpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0,
-                         http_client=httpx.Client(timeout=120, event_hooks={"response": [checked]}))
+                         http_client=httpx.Client(timeout=timeout, event_hooks={"response": [checked]}))
 
 
 def async_sdk_client(base_url: str, api_key: str = "unused") -> openai.AsyncOpenAI:

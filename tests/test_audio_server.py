@@ -1,4 +1,6 @@
-"""POST /v1/audio/transcriptions on a live server with a tiny random Whisper, through the openai SDK.
+"""POST /v1/audio/transcriptions on a live server with a tiny random Whisper, through the openai SDK
+(every body read is validated against the openai package's own types: Transcription, TranscriptionVerbose,
+the transcript.text.* stream events, errors).
 
 Answers are checked against the tiny model's own `generate` on the same audio (loaded with the same
 soundfile + soxr path), decoded by its own tokenizer; timed segments against the tokenizer's own
@@ -18,6 +20,7 @@ import soundfile
 
 from audio_helpers import WHISPER_REPO, build_tiny_whisper, read_mono_16k, reference_transcripts, speak
 from conftest import LiveServer
+from openai_server import checked, sdk_client
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 
@@ -41,7 +44,7 @@ def server(whisper_repo, tiny_repos):
 
 @pytest.fixture()
 def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return sdk_client(server.base_url, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -209,16 +212,41 @@ def test_bad_media_gets_400_and_the_server_keeps_serving(server, client, speech)
         ({}, "`file` field is missing"),
     ]
     for files, words in cases:
-        response = httpx.post(url, data={"model": WHISPER_REPO}, files=files or {"other": ("x", b"x")}, timeout=60)
+        response = checked(httpx.post(url, data={"model": WHISPER_REPO}, files=files or {"other": ("x", b"x")}, timeout=60))
         assert response.status_code == 400, (words, response.text)
         error = response.json()["error"]
         assert words in error["message"] and error["type"] == "invalid_request_error" and error["param"] == "file"
-    bad_language = httpx.post(url, data={"model": WHISPER_REPO, "language": "xx"}, files={"file": ("a.wav", wav)}, timeout=60)
+    bad_language = checked(httpx.post(url, data={"model": WHISPER_REPO, "language": "xx"}, files={"file": ("a.wav", wav)},
+                                      timeout=60))
     assert bad_language.status_code == 400 and bad_language.json()["error"]["param"] == "language"
     with pytest.raises(openai.BadRequestError, match="not audio"):
         client.audio.transcriptions.create(model=WHISPER_REPO, file=("a.ogg", b"OggS" + b"\0" * 100))
     with open(speech, "rb") as f:
         assert client.audio.transcriptions.create(model=WHISPER_REPO, file=f, language="en").text
+
+
+def test_form_fields_as_the_sdk_and_curl_send_them_and_bad_ones_named(server, client, speech):
+    wav = speech.read_bytes()
+    with open(speech, "rb") as f:  # the SDK writes lists as `key[]` and objects as `key[sub]`
+        verbose = client.audio.transcriptions.create(
+            model=WHISPER_REPO, file=f, language="en", temperature=0.0, response_format="verbose_json",
+            timestamp_granularities=["segment"], chunking_strategy={"type": "server_vad", "threshold": 0.5})
+    assert verbose.segments and verbose.duration > 0
+    url = server.base_url + "/v1/audio/transcriptions"
+    plain = checked(httpx.post(url, data={"model": WHISPER_REPO, "language": "en", "stream": "false", "temperature": "0",
+                                          "chunking_strategy": "auto"}, files={"file": ("a.wav", wav)}, timeout=60))
+    assert plain.status_code == 200 and plain.json()["text"]
+    for data, files, param, code in [
+        ({"stream": "true", "response_format": "vtt"}, {}, "stream", None),
+        ({"temperature": "2"}, {}, "temperature", None),
+        ({"include[]": "logprobs"}, {}, "include", "unsupported_parameter"),
+        ({"diarize": "true"}, {}, "diarize", "unsupported_parameter"),
+        ({}, {"prompt": ("notes.txt", b"Fox.")}, "prompt", "unsupported_parameter"),  # a field sent as a file
+    ]:
+        response = checked(httpx.post(url, data={"model": WHISPER_REPO, **data}, files={"file": ("a.wav", wav), **files},
+                                      timeout=60))
+        assert response.status_code == 400, (data, response.text)
+        assert (response.json()["error"]["param"], response.json()["error"]["code"]) == (param, code), response.text
 
 
 def test_models_of_the_other_kind_get_400(client, speech):

@@ -148,3 +148,52 @@ def test_take_waiting_drains_while_the_windows_fit_and_groups_by_options():
     assert taken == [first, *waiting[:3]]  # 1 + 2 + 1 + 3 windows: the batch is full after the fourth
     assert receive.receive_nowait() is waiting[3]
     assert group_by_options(taken) == [[first, waiting[0], waiting[2]], [waiting[1]]]
+
+
+# The form of POST /v1/audio/transcriptions, read into TranscriptionRequest.
+
+def _form(*pairs: tuple[str, str]):
+    from werkzeug.datastructures import MultiDict
+
+    from transerve.http.protocol.transcriptions import TranscriptionRequest
+
+    return TranscriptionRequest.from_form(MultiDict(pairs), b"audio")
+
+
+def test_form_fields_in_every_spelling_clients_use():
+    body = _form(("model", "tiny/whisper"), ("temperature", "0.4"), ("stream", "true"), ("language", "en"),
+                 ("prompt", ""), ("timestamp_granularities[]", "segment"), ("chunking_strategy[type]", "server_vad"),
+                 ("chunking_strategy[threshold]", "0.5"))
+    assert (body.model, body.temperature, body.stream, body.language, body.prompt) == ("tiny/whisper", 0.4, True, "en", None)
+    assert body.timestamp_granularities == ["segment"] and body.chunking_strategy.threshold == 0.5
+    assert body.file == b"audio" and body.decode_options() == DecodeOptions(None, 0.4, timestamps=False)
+    # curl's: a plain key once or repeated, an object as one JSON part, a string strategy
+    assert _form(("timestamp_granularities", "segment")).timestamp_granularities == ["segment"]
+    assert _form(("timestamp_granularities", "segment"), ("timestamp_granularities", "segment")).timestamp_granularities == ["segment"] * 2
+    assert _form(("chunking_strategy", '{"type": "server_vad", "prefix_padding_ms": 300}')).chunking_strategy.prefix_padding_ms == 300
+    assert _form(("chunking_strategy", "auto")).chunking_strategy == "auto"
+    verbose = _form(("response_format", "verbose_json"), ("stream", "false"))
+    assert verbose.decode_options().timestamps and not verbose.stream
+    assert _form().response_format == "json" and _form().temperature == 0.0
+
+
+@pytest.mark.parametrize("pairs, param, code, words", [
+    ([("diarize", "true")], "diarize", "unsupported_parameter", "unknown field 'diarize'"),
+    ([("include[]", "logprobs")], "include", "unsupported_parameter", "no token logprobs"),
+    ([("known_speaker_names[]", "agent")], "known_speaker_names", "unsupported_parameter", "no speaker diarization"),
+    ([("response_format", "diarized_json")], "response_format", None, "got 'diarized_json'"),
+    ([("temperature", "1.5")], "temperature", None, "less than or equal to 1"),
+    ([("temperature", "warm")], "temperature", None, "valid number"),
+    ([("stream", "maybe")], "stream", None, "valid boolean"),
+    ([("stream", "true"), ("response_format", "srt")], "stream", None, "json or text"),
+    ([("timestamp_granularities[]", "word")], "timestamp_granularities[0]", None, "'segment'"),
+    ([("chunking_strategy[type]", "semantic")], "chunking_strategy.type", None, "'server_vad'"),
+    ([("model", "a"), ("model", "b")], "model", None, "valid string"),
+])
+def test_a_bad_form_field_is_a_400_naming_it(pairs, param, code, words):
+    from transerve.http.errors import OpenAIError
+
+    with pytest.raises(OpenAIError) as info:
+        _form(*pairs)
+    error = info.value
+    assert (error.status_code, error.param, error.code) == (400, param, code) and words in error.message, error.message

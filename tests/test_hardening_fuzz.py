@@ -37,10 +37,11 @@ def test_the_document_describes_every_route_and_every_accepted_field(server):
 
     doc = httpx.get(server.base_url + "/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
-    assert {"/v1/chat/completions", "/v1/models", "/v1/models/{model_id}", "/health", "/metrics"} <= set(doc["paths"])
+    assert {"/v1/chat/completions", "/v1/audio/transcriptions", "/v1/models", "/v1/models/{model_id}", "/health",
+            "/metrics"} <= set(doc["paths"])
     for endpoint, model in REQUESTS.items():
         accepted = {name for name, (status, _) in model.fields().items() if status != REJECTED}
-        body = doc["paths"][endpoint]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        body = doc["paths"][endpoint]["post"]["requestBody"]["content"][model.media_type]["schema"]
         schema = doc["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
         assert set(schema["properties"]) == accepted and schema["additionalProperties"] is False
         assert all(p["x-status"] != REJECTED and (p.get("description") or p["x-status"]) for p in schema["properties"].values())

@@ -1,4 +1,4 @@
-"""The README's tables of every request field of the text endpoints, read off the protocol models
+"""The README's tables of every request field of every endpoint, read off the protocol models
 (`python -m transerve.http.fields` prints them; a test checks that the README agrees)."""
 
 from __future__ import annotations

@@ -22,8 +22,10 @@ bp = Blueprint("openapi", __name__)
 _STR, _BOOL, _OBJ = {"type": "string"}, {"type": "boolean"}, {"type": "object"}
 _SUMMARY = {"/v1/chat/completions": "Chat completion (JSON, or server-sent events with stream=true)",
             "/v1/completions": "Text completion (JSON, or server-sent events with stream=true)",
-            "/v1/responses": "A Response (JSON, or server-sent events with stream=true)"}
+            "/v1/responses": "A Response (JSON, or server-sent events with stream=true)",
+            "/v1/audio/transcriptions": "Transcribe audio (JSON, text, SRT, WebVTT, or server-sent events with stream=true)"}
 _ANSWER = {"/v1/chat/completions": "chat.completion", "/v1/completions": "text_completion", "/v1/responses": "response"}
+_TRANSCRIPT = {"type": "object", "required": ["text"], "properties": {"text": _STR}}
 _REF = "#/components/schemas/{model}"
 
 
@@ -51,14 +53,20 @@ _ERRORS = {"400": _error("malformed or out-of-range field (`param` names it), or
            "503": _error("the server is shutting down or the model is being unloaded")}
 
 
-def _generation_operation(endpoint: str) -> dict:
+def _answers(endpoint: str) -> dict:
+    if endpoint not in _ANSWER:  # a transcript: JSON, or text as response_format asks
+        return {"application/json": {"schema": _TRANSCRIPT}, "text/plain": {"schema": _STR}, "text/vtt": {"schema": _STR},
+                "text/event-stream": {"schema": _STR}}
     answer = {"type": "object", "required": ["id", "object"], "properties": {"id": _STR, "object": {"const": _ANSWER[endpoint]}}}
+    return {"application/json": {"schema": answer}, "text/event-stream": {"schema": _STR}}
+
+
+def _generation_operation(endpoint: str) -> dict:
+    body = {"schema": request_schemas()[0][endpoint]}
     return {"post": {
         "summary": _SUMMARY[endpoint], "operationId": endpoint.strip("/").replace("/", "_"),
-        "requestBody": {"required": True, "content": {"application/json": {"schema": request_schemas()[0][endpoint]}}},
-        "responses": {"200": {"description": "the answer", "content": {
-            "application/json": {"schema": answer},
-            "text/event-stream": {"schema": {"type": "string"}}}}, **_ERRORS},
+        "requestBody": {"required": True, "content": {REQUESTS[endpoint].media_type: body}},
+        "responses": {"200": {"description": "the answer", "content": _answers(endpoint)}, **_ERRORS},
     }}
 
 

@@ -1,8 +1,9 @@
 """POST /v1/audio/transcriptions (multipart/form-data), shaped like OpenAI's: json, text,
 verbose_json (segments), srt, vtt, and streamed `transcript.text.delta` / `transcript.text.done` events.
 
-The handler validates the form, hands the audio to the model's TranscriptionClient and shapes the text
-events it yields; decoding the audio and the model's work happen behind the client."""
+The handler reads the audio part, validates the form as a `TranscriptionRequest`, hands the audio to
+the model's TranscriptionClient and shapes the text events it yields; decoding the audio and the
+model's work happen behind the client."""
 
 from __future__ import annotations
 
@@ -13,54 +14,25 @@ from quart import Blueprint, Response, current_app, jsonify, request
 
 from transerve.engine import transcript
 from transerve.engine.transcript import TranscriptDelta, TranscriptDone, TranscriptError, TranscriptEvent
-from transerve.engine.whisper import DecodeOptions
 from transerve.http.errors import OpenAIError, error_body
+from transerve.http.protocol.base import FORM
+from transerve.http.protocol.transcriptions import MAX_AUDIO_BYTES, TranscriptionRequest
 from transerve.http.sse import SSE_HEADERS, sse
 
 bp = Blueprint("transcriptions", __name__)
-ENDPOINT = "/v1/audio/transcriptions"
-MAX_AUDIO_BYTES = 25 * 1024 * 1024  # OpenAI's own limit for one file
-FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
-TIMED_FORMATS = frozenset({"verbose_json", "srt", "vtt"})  # these ask Whisper for timestamps
-_FIELDS = frozenset({"model", "language", "prompt", "response_format", "temperature", "stream",
-                     "timestamp_granularities[]", "timestamp_granularities", "include[]", "include"})
-
-
-def _form_options(form) -> tuple[str, float, bool, str | None, str | None]:
-    unknown = sorted(set(form) - _FIELDS)
-    if unknown:
-        raise OpenAIError(f"unknown field '{unknown[0]}'", 400, unknown[0], "unknown_parameter")
-    response_format = form.get("response_format") or "json"
-    if response_format not in FORMATS:
-        raise OpenAIError(f"response_format must be one of {', '.join(FORMATS)}, got {response_format!r}", 400,
-                          "response_format")
-    try:
-        temperature = float(form.get("temperature") or 0)
-    except ValueError:
-        raise OpenAIError("temperature must be a number between 0 and 1", 400, "temperature") from None
-    if not 0 <= temperature <= 1:
-        raise OpenAIError("temperature must be a number between 0 and 1", 400, "temperature")
-    stream = (form.get("stream") or "false").lower()
-    if stream not in ("true", "false"):
-        raise OpenAIError("stream must be true or false", 400, "stream")
-    if stream == "true" and response_format not in ("json", "text"):
-        raise OpenAIError("stream needs response_format json or text (timed formats come whole)", 400, "stream")
-    for granularity in form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities"):
-        if granularity != "segment":
-            raise OpenAIError("timestamp_granularities: only 'segment' is supported (no word timestamps)", 400,
-                              "timestamp_granularities")
-    for item in form.getlist("include[]") + form.getlist("include"):
-        raise OpenAIError(f"include: {item!r} is not supported", 400, "include")
-    return response_format, temperature, stream == "true", form.get("language") or None, form.get("prompt") or None
 
 
 async def _audio_bytes() -> bytes:
-    if request.mimetype != "multipart/form-data":
+    if request.mimetype != FORM:
         raise OpenAIError("send the audio as multipart/form-data with a `file` field", 400, "file", "invalid_content_type")
     files = await request.files
     upload = files.get("file")
     if upload is None:
         raise OpenAIError("the `file` field is missing: attach the audio as a file part named `file`", 400, "file")
+    others = [name for name in files if name != "file"]
+    if others:  # a field sent as a file part (curl -F prompt=@notes.txt) would otherwise go unread
+        raise OpenAIError(f"{others[0]}: only `file` may be a file part; other fields are plain text", 400, others[0],
+                          "unsupported_parameter")
     data = upload.read(MAX_AUDIO_BYTES + 1)
     if len(data) > MAX_AUDIO_BYTES:
         raise OpenAIError(f"the audio file is larger than the limit of {MAX_AUDIO_BYTES} bytes", 400, "file",
@@ -68,19 +40,17 @@ async def _audio_bytes() -> bytes:
     return data
 
 
-@bp.post(ENDPOINT)
+@bp.post(TranscriptionRequest.endpoint)
 async def transcriptions():
-    data = await _audio_bytes()
-    form = await request.form
-    response_format, temperature, stream, language, prompt = _form_options(form)
-    engine = await current_app.config["MODELS"].get(form.get("model"), task="transcription")
-    options = DecodeOptions(prompt, temperature, timestamps=response_format in TIMED_FORMATS)
-    events = engine.transcribe(data, language, options, stream=stream)
+    audio = await _audio_bytes()  # first: a missing or oversized file is the error to report
+    body = TranscriptionRequest.from_form(await request.form, audio)
+    engine = await current_app.config["MODELS"].get(body.model, task="transcription")
+    events = engine.transcribe(body.file, body.language, body.decode_options(), stream=body.stream)
     first = await anext(events)
     if isinstance(first, TranscriptError):  # bad audio or options: a 4xx status, not a stream
         await events.aclose()
         raise OpenAIError(first.message, first.status_code, first.param, first.code)
-    if stream:
+    if body.stream:
         return _stream(first, events), 200, SSE_HEADERS
     async with aclosing(events):
         event = first
@@ -88,7 +58,7 @@ async def transcriptions():
             if isinstance(event, TranscriptError):
                 raise OpenAIError(event.message, event.status_code, event.param, event.code)
             event = await anext(events)  # deltas come only when streaming
-    return _respond(response_format, event, temperature)
+    return _respond(body.response_format, event, body.temperature)
 
 
 def _respond(response_format: str, done: TranscriptDone, temperature: float):

@@ -1,8 +1,10 @@
-"""The request bodies of the text endpoints as pydantic models: validation, /openapi.json and the README's
-field tables all come from them, and each converts itself into the engine's SamplingParams."""
+"""The request bodies of every endpoint as pydantic models (JSON, or the multipart form of a
+transcription): validation, /openapi.json and the README's field tables all come from them, and each
+converts itself into what the engine takes (SamplingParams, or a transcription's DecodeOptions)."""
 
 from transerve.http.protocol.chat import ChatCompletionRequest
 from transerve.http.protocol.completions import CompletionRequest
 from transerve.http.protocol.responses import ResponsesRequest
+from transerve.http.protocol.transcriptions import TranscriptionRequest
 
-REQUESTS = {cls.endpoint: cls for cls in (ChatCompletionRequest, CompletionRequest, ResponsesRequest)}
+REQUESTS = {cls.endpoint: cls for cls in (ChatCompletionRequest, CompletionRequest, ResponsesRequest, TranscriptionRequest)}

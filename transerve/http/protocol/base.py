@@ -61,17 +61,36 @@ def invalid(field: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid_value", message, {"field": field})
 
 
+JSON, FORM = "application/json", "multipart/form-data"
+
+
 def _json_schema(schema: dict[str, Any], cls: type) -> None:
-    """Null is accepted wherever a field is optional; rejected fields are not offered at all."""
+    """Null is accepted wherever a field of a JSON body is optional (a form has no null: a field is
+    there or not); rejected fields are not offered at all."""
     properties = schema.get("properties", {})
     for name in [n for n, p in properties.items() if p.get(STATUS_KEY) == REJECTED.value]:
         del properties[name]
+    if getattr(cls, "media_type", JSON) == FORM:
+        for prop in properties.values():
+            _drop_null(prop)
+        return
     required = set(schema.get("required", ()))
     for name, prop in properties.items():
         if name in required or prop.get("type") == "null" or {"type": "null"} in prop.get("anyOf", ()):
             continue
         meta = {k: prop.pop(k) for k in ("title", "description", "default", STATUS_KEY) if k in prop}
         properties[name] = {"anyOf": [prop, {"type": "null"}], **meta}
+
+
+def _drop_null(prop: dict[str, Any]) -> None:
+    if prop.get("default", ...) is None:
+        del prop["default"]
+    forms = [f for f in prop.get("anyOf", ()) if f != {"type": "null"}]
+    if len(forms) == 1:
+        del prop["anyOf"]
+        prop.update(forms[0])
+    elif forms:
+        prop["anyOf"] = forms
 
 
 @cache
@@ -110,6 +129,7 @@ class RequestBody(Part):
 
     model_config = ConfigDict(extra="forbid")
     endpoint: ClassVar[str]
+    media_type: ClassVar[str] = JSON
 
     @model_validator(mode="before")
     @classmethod
@@ -144,7 +164,8 @@ def _rejected_fields(cls: type[RequestBody]) -> tuple[str, ...]:
 
 _NOT_THIS_KIND = ("_type", "literal_error", "union_tag_not_found")
 _SHOW_INPUT = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "literal_error", "string_pattern_mismatch",
-               "int_type", "float_type", "string_type", "bool_type", "finite_number"}
+               "int_type", "float_type", "string_type", "bool_type", "finite_number", "int_parsing", "float_parsing",
+               "bool_parsing"}
 
 
 def _split(loc: tuple) -> tuple[str, list[tuple[int, str]]]:
