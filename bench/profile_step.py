@@ -53,7 +53,7 @@ def main() -> None:
     device = torch.device("cpu")
     model = load_served_model(args.model, device, torch.float32)
     blocks, block_size, max_len = args.batch * 12 + 1, 16, 128 + args.steps + 64
-    config = EngineConfig(device="cpu", dtype="float32", enforce_eager=not args.compiled,
+    config = EngineConfig(device="cpu", dtype="float32", compile_decode=args.compiled,
                           cache=CacheConfig(block_size=block_size, num_kv_blocks=blocks),
                           scheduler=SchedulerConfig(max_num_seqs=max(args.batch, 1), max_num_batched_tokens=8192))
     runner = ModelRunner(model, config, blocks, max_len)

@@ -22,7 +22,7 @@ LENGTHS = [30, 45, 60, 20, 50, 35, 40, 25]
 
 
 def engine(compiled: bool, num_kv_blocks: int = 24):
-    config = EngineConfig(enforce_eager=not compiled, cache=CacheConfig(block_size=16, num_kv_blocks=num_kv_blocks),
+    config = EngineConfig(compile_decode=compiled, cache=CacheConfig(block_size=16, num_kv_blocks=num_kv_blocks),
                           scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64))
     loaded = load("tiny/llama", config, allow_download=False)
     runner = loaded.runner

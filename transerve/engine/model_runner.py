@@ -45,7 +45,7 @@ class ModelRunner:
         self.multimodal = MultimodalRunner(model) if is_vision_language(model.config) else None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = self._capture_decode_graphs(text_config, num_kv_heads, head_dim)
-        elif self.device.type == "cpu" and not config.enforce_eager and self.multimodal is None:
+        elif self.device.type == "cpu" and config.compile_decode and not config.enforce_eager and self.multimodal is None:
             self.graphs = CompiledDecode(model, self.kv_caches, max_num_seqs=config.scheduler.max_num_seqs,
                                          max_blocks_per_seq=self.max_blocks_per_seq, block_size=self.block_size)
 
