@@ -27,7 +27,7 @@ def engine(compiled: bool, num_kv_blocks: int = 24):
     loaded = load("tiny/llama", config, allow_download=False)
     runner = loaded.runner
     runner.graphs = CompiledDecode(runner.model, runner.kv_caches, max_num_seqs=8,
-                                   max_blocks_per_seq=runner.max_blocks_per_seq, block_size=16, buckets=(8,)) if compiled else None
+                                   max_blocks_per_seq=runner.max_blocks_per_seq, block_size=16, buckets=(8,), max_batch=8) if compiled else None
     return loaded
 
 
