@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import random
 import sys
 import time
@@ -91,7 +92,7 @@ def run_transerve(args, config, prompts, device, dtype) -> tuple[float, int]:
     max_model_len = args.input_len_max + args.output_len
     max_tokens = min(args.num_requests, args.max_num_seqs) * max_model_len
     blocks = num_kv_blocks(model, args, device, max_tokens)
-    engine_config = EngineConfig(device=str(device), dtype=str(dtype)[6:],
+    engine_config = EngineConfig(device=str(device), dtype=str(dtype)[6:], compile_decode=args.compile,
                                  cache=CacheConfig(block_size=args.block_size, num_kv_blocks=blocks))
     runner = ModelRunner(model, engine_config, blocks, max_model_len)
     if device.type == "cuda":
@@ -158,9 +159,11 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny model of the same family (CPU smoke tests)")
     parser.add_argument("--model", help="a model spec the server accepts (repo id, directory, GGUF, SmolLM2-135M-Instruct) "
                         "instead of a random model; transerve engine only")
+    parser.add_argument("--compile", action="store_true", help="on CPU, compiled decode steps (engine/compiled_step.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", help="append one JSON line with the result")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the compile progress lines
     if args.batch_1:
         args.num_requests = 1
         args.input_len_min = args.input_len_max = 128 if args.input_len_max == 512 else args.input_len_max

@@ -54,7 +54,10 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     trust_remote_code: bool = False
-    enforce_eager: bool = False  # on CUDA, no decode CUDA graphs
+    enforce_eager: bool = False  # on CUDA, no decode CUDA graphs; on CPU, no compiled decode steps
+    # On CPU, decode steps as compiled graphs (engine/compiled_step.py); off by default: each batch-size
+    # bucket's first compile takes a minute or two on a small CPU (cached on disk after).
+    compile_decode: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # Sampling defaults for every model, over each model's own generation_config: (name, value) pairs.

@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gpu-memory-utilization", "--memory-fraction", dest="memory_fraction", type=float, default=0.9,
                        help="fraction of device memory for model and KV cache when --num-kv-blocks is not set (default: 0.9)")
     serve.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of shared prompt prefixes")
-    serve.add_argument("--enforce-eager", action="store_true", help="on CUDA, run decode steps eagerly (no CUDA graphs)")
+    serve.add_argument("--enforce-eager", action="store_true",
+                       help="run decode steps eagerly (no CUDA graphs on CUDA, no compiled steps on CPU)")
+    serve.add_argument("--compile", action="store_true",
+                       help="on CPU, compile decode steps with torch.compile (first use of each batch size compiles; "
+                            "cached under ~/.cache/transerve/inductor)")
     serve.add_argument("--override-generation-config", default=None, metavar="JSON",
                        help="sampling defaults for every model, over each model's generation_config.json, as a JSON "
                             "object of temperature, top_p, top_k, min_p: '{\"temperature\": 0.7}' (default: none)")

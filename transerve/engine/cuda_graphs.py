@@ -23,6 +23,11 @@ from transerve.engine.attention import PagedBatch
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
+def bucket_sizes(buckets: tuple[int, ...], max_num_seqs: int) -> list[int]:
+    """The buckets below max_num_seqs, and max_num_seqs itself as the last."""
+    return sorted({b for b in buckets if b < max_num_seqs} | {max_num_seqs})
+
+
 class DecodeGraphs:
     def __init__(self, model, kv_caches, write_kv: Callable, paged_attention: Callable, max_num_seqs: int,
                  max_blocks_per_seq: int, block_size: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
@@ -30,7 +35,7 @@ class DecodeGraphs:
         self.model = model
         self.device = next(model.parameters()).device
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        self.buckets = sorted({b for b in buckets if b < max_num_seqs} | {max_num_seqs})
+        self.buckets = bucket_sizes(buckets, max_num_seqs)
         n = self.buckets[-1]
         dev = self.device
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)

@@ -14,6 +14,7 @@ import torch
 from transerve.config import EngineConfig
 from transerve.engine.attention import PagedBatch
 from transerve.engine.batch import RequestState, pack_step, record_samples, update_states
+from transerve.engine.compiled_step import CompiledDecode
 from transerve.engine.cuda_graphs import DecodeGraphs
 from transerve.engine.kv_sizing import kv_shape
 from transerve.engine.multimodal import MultimodalRunner, is_vision_language
@@ -44,6 +45,9 @@ class ModelRunner:
         self.multimodal = MultimodalRunner(model) if is_vision_language(model.config) else None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = self._capture_decode_graphs(text_config, num_kv_heads, head_dim)
+        elif self.device.type == "cpu" and config.compile_decode and not config.enforce_eager and self.multimodal is None:
+            self.graphs = CompiledDecode(model, self.kv_caches, max_num_seqs=config.scheduler.max_num_seqs,
+                                         max_blocks_per_seq=self.max_blocks_per_seq, block_size=self.block_size)
 
     def _capture_decode_graphs(self, text_config, num_kv_heads: int, head_dim: int):
         """Compile every attention variant, then capture decode steps per batch-size bucket."""
@@ -74,10 +78,11 @@ class ModelRunner:
         if self.multimodal is not None:  # image embeddings, M-RoPE positions
             positions, mm_inputs = self.multimodal.step_inputs(packed.chunks, input_ids, positions, self.device)
         num_seqs = len(packed.seq_lens)
+        logits = None
         if mm_inputs is None and self.graphs is not None and len(input_ids) == len(keep) == num_seqs and self.graphs.bucket(num_seqs):
-            # A pure decode step.
+            # A pure decode step (None: its compile failed, and it runs eagerly below).
             logits = self.graphs.run(input_ids, positions, packed.slots, packed.block_tables, packed.seq_lens)
-        else:
+        if logits is None:
             batch = PagedBatch(
                 kv_caches=self.kv_caches,
                 slot_mapping=tensor(packed.slots, torch.int64),

@@ -1,0 +1,105 @@
+"""Where a CPU decode step's time goes: linears, attention, the rest of the ops, Python, sampling.
+
+    PYTHONPATH=. python bench/profile_step.py --batch 1            # SmolLM2-135M-Instruct, float32
+    PYTHONPATH=. python bench/profile_step.py --batch 32 --compiled
+
+Prefills `--batch` requests of 128 random tokens, then times `--steps` decode steps (median) and profiles
+a few with torch.profiler. The split: the model's forward (hooked) vs the rest of `execute` (packing,
+sampling); within the forward, each op family's self time, and what no op accounts for (Python, dispatch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.offline_throughput import load_served_model  # noqa: E402
+from transerve.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from transerve.engine.core import EngineCore  # noqa: E402
+from transerve.engine.model_runner import ModelRunner  # noqa: E402
+from transerve.engine.request import Request, SamplingParams  # noqa: E402
+
+FAMILIES = {
+    "linears": ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "mkl", "mkldnn"),
+    "attention": ("aten::index_select", "aten::baddbmm", "aten::bmm", "aten::_softmax", "aten::softmax",
+                  "aten::index_copy_", "aten::scaled_dot_product_attention"),
+    "compiled graph": ("Torch-Compiled Region", "CompiledFunction", "cpp_fused", "## Call CompiledFxGraph"),
+}
+
+
+def family(name: str) -> str:
+    for fam, prefixes in FAMILIES.items():
+        if any(name.startswith(p) for p in prefixes):
+            return fam
+    return "norms/rope/act/other ops"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--compiled", action="store_true", help="the compiled decode step (engine/compiled_step.py)")
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    model = load_served_model(args.model, device, torch.float32)
+    blocks, block_size, max_len = args.batch * 12 + 1, 16, 128 + args.steps + 64
+    config = EngineConfig(device="cpu", dtype="float32", compile_decode=args.compiled,
+                          cache=CacheConfig(block_size=block_size, num_kv_blocks=blocks),
+                          scheduler=SchedulerConfig(max_num_seqs=max(args.batch, 1), max_num_batched_tokens=8192))
+    runner = ModelRunner(model, config, blocks, max_len)
+    core = EngineCore(config.scheduler, blocks, block_size, max_len)
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=args.steps + 20, temperature=0.0, ignore_eos=True)
+    for i in range(args.batch):
+        core.add_request(Request(f"r{i}", [rng.randrange(model.config.vocab_size) for _ in range(128)], params, seed=i))
+
+    forward_s = []
+    if not args.compiled:  # hooks with Python timers would break the compiled graph
+        model.register_forward_pre_hook(lambda *a: forward_s.append(-time.perf_counter()))
+        model.register_forward_hook(lambda *a: forward_s.__setitem__(-1, forward_s[-1] + time.perf_counter()))
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        sched, scheduled = core.schedule()
+        core.apply(sched, runner.execute(scheduled))
+        return time.perf_counter() - t0
+
+    for _ in range(5):  # prefill, then warm decodes (compiles, if compiled)
+        step()
+    forward_s.clear()
+    wall = [step() for _ in range(args.steps)]
+    fwd = statistics.median(forward_s) if forward_s else float("nan")
+    print(f"batch {args.batch}{' compiled' if args.compiled else ''}: step median {statistics.median(wall) * 1e3:.1f} ms "
+          f"(min {min(wall) * 1e3:.1f}, max {max(wall) * 1e3:.1f}), model forward median {fwd * 1e3:.1f} ms, "
+          f"{args.batch / statistics.median(wall):.1f} tokens/s")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        n = 5
+        for _ in range(n):
+            step()
+        prof_wall = (time.perf_counter() - t0) / n
+    self_us: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for evt in prof.key_averages():
+        self_us[family(evt.key)] += evt.self_cpu_time_total / n
+        count[family(evt.key)] += evt.count // n
+    ops = sum(self_us.values()) / 1e3
+    print(f"profiled step {prof_wall * 1e3:.1f} ms (profiler overhead included); op self time by family:")
+    for fam, us in sorted(self_us.items(), key=lambda kv: -kv[1]):
+        print(f"  {fam:28s} {us / 1e3:7.1f} ms  {count[fam]:5d} ops")
+    print(f"  {'not in ops (Python etc.)':28s} {prof_wall * 1e3 - ops:7.1f} ms")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Compiled CPU decode steps (transerve/engine/compiled_step.py) give the eager engine's tokens, and a
+model the compiler rejects is served eagerly after one log line.
+
+One bucket (8) keeps the compile to one per test run: every decode batch, a single request included,
+is padded up to 8 rows. The compiled code is cached on disk, so later runs skip inductor's C++ compile.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from test_engine import EOS, greedy, random_prompts
+from transerve.actors.assembly import load
+from transerve.config import CacheConfig, EngineConfig, SchedulerConfig
+from transerve.engine.compiled_step import CompiledDecode
+from transerve.engine.core import generate
+from transerve.engine.request import Request
+
+LENGTHS = [30, 45, 60, 20, 50, 35, 40, 25]
+
+
+def engine(compiled: bool, num_kv_blocks: int = 24):
+    config = EngineConfig(compile_decode=compiled, cache=CacheConfig(block_size=16, num_kv_blocks=num_kv_blocks),
+                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64))
+    loaded = load("tiny/llama", config, allow_download=False)
+    runner = loaded.runner
+    runner.graphs = CompiledDecode(runner.model, runner.kv_caches, max_num_seqs=8,
+                                   max_blocks_per_seq=runner.max_blocks_per_seq, block_size=16, buckets=(8,), max_batch=8) if compiled else None
+    return loaded
+
+
+def run(loaded, prompts, max_tokens=24):
+    requests = [Request(str(i), p, greedy(max_tokens), seed=0, eos_token_ids=EOS) for i, p in enumerate(prompts)]
+    outputs = generate(loaded.core, loaded.runner, requests)
+    return [outputs[str(i)] for i in range(len(prompts))]
+
+
+def test_compiled_decode_gives_the_eager_tokens_alone_and_in_a_preempting_batch(tiny_repos):
+    eager, compiled = engine(compiled=False), engine(compiled=True)
+    prompts = random_prompts(eager.runner.model.config.vocab_size, LENGTHS, seed=2)
+    assert run(compiled, prompts[:1]) == run(eager, prompts[:1])
+    # 24 blocks of 16 tokens cannot hold all eight; a 64-token budget chunks the prompts.
+    assert run(compiled, prompts, 40) == run(eager, prompts, 40)
+    assert compiled.core.scheduler.num_preemptions > 0
+    assert compiled.runner.graphs.compiled == {8} and not compiled.runner.graphs.failed
+
+
+def test_a_model_the_compiler_rejects_is_served_eagerly_with_one_log_line(tiny_repos, caplog):
+    loaded = engine(compiled=True, num_kv_blocks=64)
+    # A test-only layer hook that dynamo cannot trace into a full graph.
+    loaded.runner.model.model.layers[0].register_forward_hook(lambda *args: torch._dynamo.graph_break())
+    eager = engine(compiled=False, num_kv_blocks=64)
+    prompts = random_prompts(eager.runner.model.config.vocab_size, LENGTHS[:3], seed=3)
+    with caplog.at_level(logging.INFO, logger="transerve.engine.compiled_step"):
+        assert run(loaded, prompts) == run(eager, prompts)
+    failures = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(failures) == 1 and "running eagerly" in failures[0].getMessage()
+    assert loaded.runner.graphs.failed and loaded.runner.graphs.bucket(1) is None
+
