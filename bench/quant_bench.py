@@ -1,0 +1,121 @@
+"""Routes for a quantized linear on CPU, over SmolLM2-135M's linear shapes, by batch rows.
+
+    python bench/quant_bench.py [--rows 1 32] [--repeats 7] [--routes ...]
+
+Each shape gets `--copies` independent weights (30 = one per layer) that are run in turn, so they
+stream from memory as in a real step; the LM head is one 49152x576 weight. Prints the median over
+--repeats of the time per weight, and the max abs error against dequantize-then-float32 F.linear.
+Routes:
+  f32            F.linear on float32 weights (today's path; SkinnyLinear's W @ x^T for 2-128 rows)
+  int8pack       torch._weight_int8pack_mm (per-channel int8; its fast paths want AVX-512)
+  int4pack       torch._weight_int4pack_mm_for_cpu (group 32, scale and zero)
+  q8_fused       compiled fused dequantize+matmul of tiled Q8_0-style int8 blocks (engine/quantized.py)
+  q4_fused       the same for Q4_1-style nibble blocks (scale and min)
+  q8_dequant_mm  compiled dequantize to float32, then MKL's W @ x^T
+  q4_dequant_mm  the same for nibble blocks
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from transerve.engine import quantized as q  # noqa: E402
+
+SHAPES = {"q 576->576": (576, 576), "k/v 576->192": (192, 576), "up/gate 576->1536": (1536, 576),
+          "down 1536->576": (576, 1536), "lm_head 576->49152": (49152, 576)}
+ROUTES = ["f32", "int8pack", "int4pack", "q8_fused", "q4_fused", "q8_dequant_mm", "q4_dequant_mm"]
+
+
+def random_weights(n: int, k: int):
+    groups = k // q.BLOCK
+    return {
+        "qweight": torch.randint(-127, 128, (n, k), dtype=torch.int8),
+        "scale": torch.rand(n, groups) * 0.01,
+        "packed": torch.randint(0, 256, (n, groups, 16), dtype=torch.uint8),
+        "minimum": -torch.rand(n, groups) * 0.05,
+    }
+
+
+def prepare(route: str, w: dict):
+    """Per-weight state for a route, and the float32 weight it should equal (the oracle)."""
+    q8 = q.int8_blocks_dequantize(w["qweight"], w["scale"])
+    q4 = q.nibble_blocks_dequantize(w["packed"], w["scale"], w["minimum"])
+    if route == "f32":
+        return q4.contiguous(), q4
+    if route == "int8pack":  # per-channel: the oracle is its own per-row rounding
+        row_scale = q8.abs().amax(1) / 127
+        qi = torch.round(q8 / row_scale[:, None]).to(torch.int8)
+        return (qi, row_scale), qi.float() * row_scale[:, None]
+    if route == "int4pack":
+        nib = torch.cat([w["packed"] & 15, w["packed"] >> 4], -1).view(q4.shape).to(torch.int32)
+        # torch's int4 dequantizes (q - 8) * scale + zero; Q4_1 is d * q + m, so zero = m + 8d.
+        sz = torch.stack([w["scale"], w["minimum"] + 8 * w["scale"]], -1).transpose(0, 1).contiguous()
+        return (torch._convert_weight_to_int4pack_for_cpu(nib, 1), sz), q4
+    if route.startswith("q8"):
+        return q.int8_linear(w["qweight"], w["scale"], "Q8_0").blocks(), q8
+    return q.nibble_linear(w["packed"], w["scale"], w["minimum"], "Q4_1").blocks(), q4
+
+
+def runner(route: str):
+    if route == "f32":
+        return lambda x, wt: torch.mm(wt, x.t()).t() if 2 <= x.shape[0] <= 128 else F.linear(x, wt)
+    if route == "int8pack":
+        return lambda x, s: torch._weight_int8pack_mm(x, *s)
+    if route == "int4pack":
+        return lambda x, s: torch._weight_int4pack_mm_for_cpu(x, s[0], q.BLOCK, s[1])
+    matmul, dequantize = q._KERNELS["int8" if route.startswith("q8") else "nibble"]
+    if route.endswith("fused"):
+        fn = q._compiled_kernel(matmul)
+        return lambda x, s: fn(x, *s)
+    dequant = q._compiled_kernel(dequantize)
+    return lambda x, s: torch.mm(dequant(*s), x.t()).t()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--routes", nargs="+", default=ROUTES, choices=ROUTES)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--copies", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}, "
+          f"microseconds per weight (error: max |route - dequantized f32|)")
+    print(f"{'shape':>20} {'rows':>4} " + " ".join(f"{r:>14}" for r in args.routes))
+    with torch.inference_mode():
+        for name in args.shapes:
+            n, k = SHAPES[name]
+            copies = 1 if name.startswith("lm_head") else args.copies
+            weights = [random_weights(n, k) for _ in range(copies)]
+            prepared = {r: [prepare(r, w) for w in weights] for r in args.routes}
+            for rows in args.rows:
+                x = torch.randn(rows, k)
+                cells = []
+                for route in args.routes:
+                    run = runner(route)
+                    states = [s for s, _ in prepared[route]]
+                    out = run(x, states[0])  # compiles
+                    err = (out - F.linear(x, prepared[route][0][1])).abs().max().item()
+                    times = []
+                    for _ in range(args.repeats):
+                        start = time.perf_counter()
+                        for s in states:
+                            run(x, s)
+                        times.append((time.perf_counter() - start) / copies)
+                    cells.append(f"{statistics.median(times) * 1e6:>7.0f} ({err:.0e})")
+                print(f"{name:>20} {rows:>4} " + " ".join(f"{c:>14}" for c in cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
