@@ -1,6 +1,7 @@
 """Routes for a quantized linear on CPU, over SmolLM2-135M's linear shapes, by batch rows.
 
-    python bench/quant_bench.py [--rows 1 32] [--repeats 7] [--routes ...]
+    python bench/quant_bench.py [--rows 1 32] [--repeats 7] [--routes ...] [--threads N]
+    python bench/quant_bench.py --stack     # all linears of one forward, eager vs compiled as one graph
 
 Each shape gets `--copies` independent weights (30 = one per layer) that are run in turn, so they
 stream from memory as in a real step; the LM head is one 49152x576 weight. Prints the median over
@@ -10,7 +11,7 @@ Routes:
   int8pack       torch._weight_int8pack_mm (per-channel int8; its fast paths want AVX-512)
   int4pack       torch._weight_int4pack_mm_for_cpu (group 32, scale and zero)
   q8_fused       compiled fused dequantize+matmul of tiled Q8_0-style int8 blocks (engine/quantized.py)
-  q4_fused       the same for Q4_1-style nibble blocks (scale and min)
+  q4_fused       the same for Q4_1-style 4-bit blocks (scale and min; values unpacked to bytes)
   q8_dequant_mm  compiled dequantize to float32, then MKL's W @ x^T
   q4_dequant_mm  the same for nibble blocks
 """
@@ -28,9 +29,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from transerve.engine import quantized as q  # noqa: E402
+from transerve.engine.cpu_linear import use_skinny_linears  # noqa: E402
 
 SHAPES = {"q 576->576": (576, 576), "k/v 576->192": (192, 576), "up/gate 576->1536": (1536, 576),
           "down 1536->576": (576, 1536), "lm_head 576->49152": (49152, 576)}
+LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+STACK_ROUTES = ["f32 eager", "f32 compiled", "Q4_1+Q8_0 per-linear", "Q4_1+Q8_0 compiled", "int8 compiled"]
 ROUTES = ["f32", "int8pack", "int4pack", "q8_fused", "q4_fused", "q8_dequant_mm", "q4_dequant_mm"]
 
 
@@ -46,12 +50,12 @@ def random_weights(n: int, k: int):
 
 def prepare(route: str, w: dict):
     """Per-weight state for a route, and the float32 weight it should equal (the oracle)."""
-    q8 = q.int8_blocks_dequantize(w["qweight"], w["scale"])
-    q4 = q.nibble_blocks_dequantize(w["packed"], w["scale"], w["minimum"])
+    q8 = q.int8_linear(w["qweight"], w["scale"], "Q8_0").dequantized_weight()
+    q4 = q.nibble_linear(w["packed"], w["scale"], w["minimum"], "Q4_1").dequantized_weight()
     if route == "f32":
         return q4.contiguous(), q4
     if route == "int8pack":  # per-channel: the oracle is its own per-row rounding
-        row_scale = q8.abs().amax(1) / 127
+        row_scale = q8.abs().amax(1) / 127  # per output row
         qi = torch.round(q8 / row_scale[:, None]).to(torch.int8)
         return (qi, row_scale), qi.float() * row_scale[:, None]
     if route == "int4pack":
@@ -71,12 +75,61 @@ def runner(route: str):
         return lambda x, s: torch._weight_int8pack_mm(x, *s)
     if route == "int4pack":
         return lambda x, s: torch._weight_int4pack_mm_for_cpu(x, s[0], q.BLOCK, s[1])
-    matmul, dequantize = q._KERNELS["int8" if route.startswith("q8") else "nibble"]
+    matmul, dequantize = q._KERNELS["int8" if route.startswith("q8") else "int8+min"]
     if route.endswith("fused"):
         fn = q._compiled_kernel(matmul)
         return lambda x, s: fn(x, *s)
     dequant = q._compiled_kernel(dequantize)
     return lambda x, s: torch.mm(dequant(*s), x.t()).t()
+
+
+class Stack(torch.nn.Module):
+    """All linears of one SmolLM2 forward (30 layers + the LM head), each fed a fixed input."""
+
+    def __init__(self, linears):
+        super().__init__()
+        self.linears = torch.nn.ModuleList(linears)
+
+    def forward(self, inputs: dict[int, torch.Tensor]):
+        return [linear(inputs[linear.in_features]) for linear in self.linears]
+
+
+def build_stack(route: str, layers: int) -> torch.nn.Module:
+    linears = []
+    for n, k in LAYER * layers + [(49152, 576)]:
+        w = random_weights(n, k)
+        head = n == 49152
+        if route.startswith("f32"):
+            linear = torch.nn.Linear(k, n, bias=False)
+            linear.weight.data = q.nibble_linear(w["packed"], w["scale"], w["minimum"], "Q4_1").dequantized_weight()
+        elif route.startswith("int8") or head:
+            linear = q.int8_linear(w["qweight"], w["scale"], "Q8_0", compiled="per-linear" in route)
+        else:
+            linear = q.nibble_linear(w["packed"], w["scale"], w["minimum"], "Q4_1", compiled="per-linear" in route)
+        linears.append(linear)
+    stack = Stack(linears)
+    if route == "f32 eager":
+        use_skinny_linears(stack)
+    return torch.compile(stack, dynamic=False) if route.endswith("compiled") else stack
+
+
+def stack_main(args) -> None:
+    print(f"whole forward's linears ({args.layers} layers + LM head), ms per forward, median of {args.repeats}")
+    print(f"{'route':>22} " + " ".join(f"{'rows ' + str(r):>9}" for r in args.rows))
+    with torch.inference_mode():
+        for route in args.stack_routes:
+            stack = build_stack(route, args.layers)
+            cells = []
+            for rows in args.rows:
+                inputs = {k: torch.randn(rows, k) for k in (576, 1536)}
+                stack(inputs)
+                times = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    stack(inputs)
+                    times.append(time.perf_counter() - start)
+                cells.append(f"{statistics.median(times) * 1e3:>9.1f}")
+            print(f"{route:>22} " + " ".join(cells), flush=True)
 
 
 def main() -> None:
@@ -87,8 +140,14 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--stack", action="store_true", help="time a whole forward's linears instead")
+    parser.add_argument("--stack-routes", nargs="+", default=STACK_ROUTES, choices=STACK_ROUTES)
+    parser.add_argument("--layers", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.stack:
+        return stack_main(args)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}, "
           f"microseconds per weight (error: max |route - dequantized f32|)")

@@ -1,30 +1,29 @@
 """Linears that keep block-quantized weights (GGUF Q4_0, Q4_1, Q8_0; int8 of a float model) on CPU.
 
-Weights are exactly the file's (f16 scales widened to float32, which is exact), in one of two layouts:
-- int8 blocks (Q8_0, `--quantization int8`): w = scale * q, q int8.
-- nibble blocks (Q4_0, Q4_1): w = scale * q + minimum, q in 0..15 packed two to a byte as GGUF packs
-  them (byte j of a block: element j in the low nibble, element j+16 in the high one). Q4_0 is
-  d * (q - 8), so its minimum is -8d (exact in float32).
-Blocks of 32 run along the input dimension. They are tiled for the CPU: TILE consecutive output rows
-are interleaved innermost ([out/TILE, in/32, 32 or 16, TILE]), so the fused kernel accumulates TILE
-outputs in vector registers and never reduces horizontally inside a block (measured 1.5-2x faster than
-the row-major layout; bench/quant_bench.py).
+Weights are exactly the file's (f16 scales widened to float32, which is exact), as int8 values in
+blocks of 32 along the input dimension with one scale per block, and for Q4_0/Q4_1 one minimum:
+w = scale * q (+ minimum). Q4 values (0..15) are unpacked from their nibbles at load: one byte per
+weight instead of half, because unpacking nibbles inside the fused kernel made a whole forward 3.7x
+slower at batch 1 (bench/quant_bench.py --stack). Q4_0 is d * (q - 8), so its minimum is -8d (exact).
+
+Blocks are tiled for the CPU: TILE consecutive output rows interleaved innermost ([out/TILE, in/32,
+32, TILE]), so the fused kernel accumulates TILE outputs in vector registers and never reduces
+horizontally inside a block.
 
 Dequantization is fused into the matmul by `torch.compile` (inductor's C++ backend): the weight is read
 as bytes and never stored as float32. That wins where a step streams weights (a few rows); from
 DEQUANTIZE_FROM_ROWS rows the step is bound by arithmetic, and MKL's GEMM over a transient float32
-copy of the weight is faster.
+copy of the weight is as fast as float32. Best inside a compiled model step, where the kernels join
+the step's graph; called alone, each pays torch.compile's Python entry.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 BLOCK = 32
 TILE = 16
 DEQUANTIZE_FROM_ROWS = 8
-_NIBBLE_SHIFTS = (0, 4)
 
 
 def _tile_rows(out_features: int) -> int:
@@ -44,43 +43,34 @@ def untile(tiled: torch.Tensor) -> torch.Tensor:
     return tiled.movedim(-1, 1).reshape(tiled.shape[0] * tiled.shape[-1], *tiled.shape[1:-1])
 
 
-def _nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """[..., 16, t] packed bytes -> [..., 32, t] values 0..15 in element order (float32)."""
-    shifts = torch.tensor(_NIBBLE_SHIFTS, dtype=torch.uint8, device=packed.device).view(2, 1, 1)
-    values = (packed.unsqueeze(-3) >> shifts) & 15  # [..., 2, 16, t]
-    return values.flatten(-3, -2).float()
-
-
 # Fused kernels, traced by torch.compile. x is [rows, in]; the result [rows, out].
 def int8_blocks_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     rows = x.shape[0]
     tiles, groups, _, t = qweight.shape
-    xb = x.view(rows, 1, groups, BLOCK, 1)
-    partial = (qweight.float() * xb).sum(3)  # [rows, tiles, groups, t]
+    partial = (qweight.float() * x.view(rows, 1, groups, BLOCK, 1)).sum(3)  # [rows, tiles, groups, t]
     return (partial * scale).sum(2).view(rows, tiles * t)
 
 
-def nibble_blocks_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+def int8_min_blocks_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
     rows = x.shape[0]
-    tiles, groups, _, t = packed.shape
+    tiles, groups, _, t = qweight.shape
     xb = x.view(rows, 1, groups, BLOCK, 1)
-    partial = (_nibbles(packed) * xb).sum(3)
+    partial = (qweight.float() * xb).sum(3)
     block_sums = xb.sum(3)  # the minimum multiplies each block's sum of x
     return (partial * scale + block_sums * minimum).sum(2).view(rows, tiles * t)
 
 
 def int8_blocks_dequantize(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The float32 weight [out, in] (the oracle, and the large-batch path's transient copy)."""
-    w = qweight.float() * scale.unsqueeze(2)
-    return untile(w).flatten(1)
+    return untile(qweight.float() * scale.unsqueeze(2)).flatten(1)
 
 
-def nibble_blocks_dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
-    w = _nibbles(packed) * scale.unsqueeze(2) + minimum.unsqueeze(2)
-    return untile(w).flatten(1)
+def int8_min_blocks_dequantize(qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    return untile(qweight.float() * scale.unsqueeze(2) + minimum.unsqueeze(2)).flatten(1)
 
 
-_KERNELS = {"int8": (int8_blocks_matmul, int8_blocks_dequantize), "nibble": (nibble_blocks_matmul, nibble_blocks_dequantize)}
+_KERNELS = {"int8": (int8_blocks_matmul, int8_blocks_dequantize),
+            "int8+min": (int8_min_blocks_matmul, int8_min_blocks_dequantize)}
 _compiled: dict = {}
 
 
@@ -115,9 +105,12 @@ class QuantizedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         matmul, dequantize = _KERNELS[self.layout]
-        if self.compiled:
+        fused = torch.compiler.is_compiling() or self.compiled
+        if self.compiled and not torch.compiler.is_compiling():
+            # Alone, each call pays torch.compile's Python entry (~0.1-0.3 ms here); inside a compiled
+            # model step the kernels are traced into the step's graph and that cost is gone.
             matmul, dequantize = _compiled_kernel(matmul), _compiled_kernel(dequantize)
-        if flat.shape[0] < DEQUANTIZE_FROM_ROWS and self.compiled:
+        if fused and flat.shape[0] < DEQUANTIZE_FROM_ROWS:
             out = matmul(flat, *self.blocks())
         else:  # `W @ x^T`: MKL is faster that way round for skinny x (engine/cpu_linear.py)
             out = torch.mm(dequantize(*self.blocks()), flat.t()).t()
@@ -138,10 +131,12 @@ def int8_linear(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, bias=None,
 
 def nibble_linear(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, fmt: str, bias=None,
                   compiled: bool = True) -> QuantizedLinear:
-    """From row-major blocks: packed uint8 [out, in/32, 16] (GGUF order), scale and minimum [out, in/32]."""
+    """From row-major 4-bit blocks: packed uint8 [out, in/32, 16] in GGUF's order (byte j: element j in
+    the low nibble, element j+16 in the high one), scale and minimum [out, in/32]."""
     out, groups, _ = packed.shape
-    blocks = {"packed": tile(packed), "scale": tile(scale.float()), "minimum": tile(minimum.float())}
-    return QuantizedLinear(fmt, "nibble", blocks, groups * BLOCK, out, bias, compiled)
+    values = torch.cat([packed & 15, packed >> 4], dim=-1).to(torch.int8)  # [out, groups, 32]
+    blocks = {"qweight": tile(values), "scale": tile(scale.float()), "minimum": tile(minimum.float())}
+    return QuantizedLinear(fmt, "int8+min", blocks, groups * BLOCK, out, bias, compiled)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
