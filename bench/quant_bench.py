@@ -2,6 +2,7 @@
 
     python bench/quant_bench.py [--rows 1 32] [--repeats 7] [--routes ...] [--threads N]
     python bench/quant_bench.py --stack     # all linears of one forward, eager vs compiled as one graph
+    python bench/quant_bench.py --smollm2   # whole SmolLM2 forwards, float32 vs its GGUF's blocks
 
 Each shape gets `--copies` independent weights (30 = one per layer) that are run in turn, so they
 stream from memory as in a real step; the LM head is one 49152x576 weight. Prints the median over
@@ -132,6 +133,40 @@ def stack_main(args) -> None:
             print(f"{route:>22} " + " ".join(cells), flush=True)
 
 
+def smollm2_main(args) -> None:
+    """Whole SmolLM2 forwards of `rows` tokens (the linears' shapes of a `rows`-sequence decode step)."""
+    from transformers import AutoModelForCausalLM
+
+    from transerve.engine.gguf_weights import use_gguf_linears
+    from transerve.engine.models import bundled_gguf_path, materialize, resolve
+
+    path = materialize(resolve(str(bundled_gguf_path())))
+    print(f"SmolLM2-135M forward of N tokens (no KV cache), ms, median of {args.repeats} rounds; "
+          f"routes alternate within a round so a shared box's noise hits them alike")
+    routes = {}
+    for route in ["f32 eager (skinny)", "f32 compiled", "Q4_1+Q8_0 per-linear", "Q4_1+Q8_0 compiled"]:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        if route.startswith("f32 eager"):
+            use_skinny_linears(model)
+        if route.startswith("Q4"):
+            use_gguf_linears(model, str(bundled_gguf_path()), compiled="per-linear" in route)
+        routes[route] = torch.compile(model, dynamic=False) if route.endswith("compiled") else model
+    times = {(route, rows): [] for route in routes for rows in args.rows}
+    with torch.inference_mode():
+        for rows in args.rows:
+            ids = torch.randint(0, 49152, (1, rows))
+            for forward in routes.values():
+                forward(input_ids=ids, use_cache=False, logits_to_keep=1)
+            for _ in range(args.repeats):
+                for route, forward in routes.items():
+                    start = time.perf_counter()
+                    forward(input_ids=ids, use_cache=False, logits_to_keep=1)
+                    times[route, rows].append(time.perf_counter() - start)
+    print(f"{'route':>26} " + " ".join(f"{'rows ' + str(r):>9}" for r in args.rows))
+    for route in routes:
+        print(f"{route:>26} " + " ".join(f"{statistics.median(times[route, r]) * 1e3:>9.1f}" for r in args.rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 32])
@@ -141,6 +176,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--stack", action="store_true", help="time a whole forward's linears instead")
+    parser.add_argument("--smollm2", action="store_true", help="time whole SmolLM2 forwards instead")
     parser.add_argument("--stack-routes", nargs="+", default=STACK_ROUTES, choices=STACK_ROUTES)
     parser.add_argument("--layers", type=int, default=30)
     args = parser.parse_args()
@@ -148,6 +184,8 @@ def main() -> None:
     torch.manual_seed(0)
     if args.stack:
         return stack_main(args)
+    if args.smollm2:
+        return smollm2_main(args)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}, "
           f"microseconds per weight (error: max |route - dequantized f32|)")
