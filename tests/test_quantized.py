@@ -119,3 +119,15 @@ def test_smollm2_from_its_gguf_blocks_answers_like_the_dequantized_model(smollm2
         expected = dequantized.generate(**prompt, **kwargs)
     assert tokens.tolist() == expected.tolist()
     assert "Paris" in tokenizer.decode(tokens[0, prompt["input_ids"].shape[1]:])
+
+
+def test_transposed_inputs_as_skinny_linears_return_them():
+    """SkinnyLinear hands on `(W @ x^T)^T` views; a quantized linear after it must read them right."""
+    weight = np.random.default_rng(3).standard_normal((32, 64)).astype(np.float32)
+    blocks = gguf_rows("Q4_1", weight)
+    linear = linear_from_blocks("Q4_1", blocks)
+    x = torch.randn(64, 3).t().unsqueeze(0)  # [1, 3, 64], not contiguous
+    with torch.inference_mode():
+        out = linear(x)
+    expected = F.linear(x, torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q4_1)))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

@@ -47,14 +47,14 @@ def untile(tiled: torch.Tensor) -> torch.Tensor:
 def int8_blocks_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     rows = x.shape[0]
     tiles, groups, _, t = qweight.shape
-    partial = (qweight.float() * x.view(rows, 1, groups, BLOCK, 1)).sum(3)  # [rows, tiles, groups, t]
+    partial = (qweight.float() * x.reshape(rows, 1, groups, BLOCK, 1)).sum(3)  # [rows, tiles, groups, t]
     return (partial * scale).sum(2).view(rows, tiles * t)
 
 
 def int8_min_blocks_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
     rows = x.shape[0]
     tiles, groups, _, t = qweight.shape
-    xb = x.view(rows, 1, groups, BLOCK, 1)
+    xb = x.reshape(rows, 1, groups, BLOCK, 1)
     partial = (qweight.float() * xb).sum(3)
     block_sums = xb.sum(3)  # the minimum multiplies each block's sum of x
     return (partial * scale + block_sums * minimum).sum(2).view(rows, tiles * t)
