@@ -167,18 +167,18 @@ def print_table(batches: list[int], runs: list[dict[int, dict[str, float]]]) -> 
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["serve"]:
+        import host_overhead_serve
+
+        return host_overhead_serve.main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("engine", "serve"))
+    parser.add_argument("what", choices=("engine", "serve"), help="serve: see bench/host_overhead_serve.py --help")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--steps", type=int, default=200, help="decode steps measured per batch size")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=1024, help="logits' width (the sampling kernel's work)")
     parser.add_argument("--profile", action="store_true", help="cProfile the last batch size's steps (one run)")
-    args, rest = parser.parse_known_args()
-    if args.what == "serve":
-        import host_overhead_serve
-
-        return host_overhead_serve.main(rest)
+    args = parser.parse_args()
     torch.set_num_threads(1)  # host work is single-threaded; keep the CPU reference kernels off other cores
     tokenizer = zero_cost_model.smollm2_tokenizer()
     runs = []

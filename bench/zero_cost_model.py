@@ -2,9 +2,9 @@
 
 `ZeroCostForCausalLM` takes the keyword arguments the model runner passes a stock HF model
 (`input_ids` [1, tokens], `logits_to_keep` as a tensor of packed positions, `paged_batch`, ...) and returns
-`logits` [1, kept, vocab] with a single 1.0 per row: at the token `next_token(current)`. No attention,
-no KV writes, no weights to speak of. Greedy decoding then walks a fixed, text-like cycle of ordinary
-token ids (never special ones below FIRST_TOKEN, so never end-of-sequence: requests run to max_tokens).
+`logits` [1, kept, vocab] with a single 1.0 per row: at the token `next_token(current, position)`. No attention,
+no KV writes, no weights to speak of. Greedy decoding then walks ordinary merged tokens (never the
+specials below FIRST_TOKEN, so never end-of-sequence: requests run to max_tokens).
 
 `build_model_dir(out)` writes a loadable model directory: a Llama config with `auto_map` pointing at this
 file (copied in as modeling_zero_cost.py), SmolLM2's tokenizer and chat template, and the weights (one
@@ -23,7 +23,7 @@ from torch import nn
 from transformers import LlamaConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-FIRST_TOKEN = 100  # ids below are the tokenizer's specials and rare bytes
+FIRST_TOKEN = 273  # SmolLM2's specials and single bytes lie below: the walk yields whole characters
 
 
 class ZeroCostForCausalLM(PreTrainedModel):
@@ -44,17 +44,18 @@ class ZeroCostForCausalLM(PreTrainedModel):
     def get_output_embeddings(self):
         return None  # the server then reads the vocabulary size off the config
 
-    def forward(self, input_ids: torch.Tensor, logits_to_keep: torch.Tensor | int = 0, **kwargs) -> CausalLMOutput:
-        vocab = self.config.vocab_size
-        current = input_ids[0, logits_to_keep] if isinstance(logits_to_keep, torch.Tensor) else input_ids[0, -1:]
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: torch.Tensor | int = 0,
+                **kwargs) -> CausalLMOutput:
+        keep = logits_to_keep if isinstance(logits_to_keep, torch.Tensor) else slice(-1, None)
+        current, position = input_ids[0, keep], position_ids[0, keep]
         rows = torch.arange(current.shape[0], device=current.device)
-        logits = torch.zeros(1, current.shape[0], vocab, dtype=self.one.dtype, device=current.device)
-        logits[0, rows, next_token(current, vocab)] = self.one
+        logits = torch.zeros(1, current.shape[0], self.config.vocab_size, dtype=self.one.dtype, device=current.device)
+        logits[0, rows, next_token(current, position, self.config.vocab_size)] = self.one
         return CausalLMOutput(logits=logits)
 
 
-def next_token(current: torch.Tensor, vocab: int) -> torch.Tensor:
-    return (current * 7919 + 13) % (vocab - FIRST_TOKEN) + FIRST_TOKEN
+def next_token(current: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
+    return (current * 7919 + position * 104729 + 13) % (vocab - FIRST_TOKEN) + FIRST_TOKEN
 
 
 def model_config(vocab_size: int) -> LlamaConfig:
