@@ -123,8 +123,12 @@ async def measure(batch: int, steps: int, vocab: int, tokenizer, profile: bool) 
         start = time.perf_counter()
         for out in outputs:  # shaping each chat chunk and its SSE frame, as the handler's stream does
             receiver, shape = receivers[out.request_id], shapes[out.request_id]
-            while receiver.statistics().current_buffer_used:
-                shape.delta(receiver.receive_nowait())
+            while True:  # the detokenizer sends nothing for a token whose text is held back
+                try:
+                    event = receiver.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+                shape.delta(event)
         clock.add("stream", time.perf_counter() - start)
         if profiler:
             profiler.disable()
@@ -136,6 +140,8 @@ async def measure(batch: int, steps: int, vocab: int, tokenizer, profile: bool) 
     if profiler:
         print(f"\ncProfile, {steps} decode steps at batch {batch}, top 25 by own time:")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        print("transerve's functions by cumulative time:")
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats("transerve/", 25)
     medians = {p: statistics.median(r.get(p, 0.0) for r in rows) * 1e6 for p in PHASES}
     medians["engine"] = statistics.median(sum(r.get(p, 0.0) for p in ENGINE) for r in rows) * 1e6
     medians["total"] = statistics.median(sum(r.get(p, 0.0) for p in PHASES if p != "model") for r in rows) * 1e6

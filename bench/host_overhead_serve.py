@@ -5,8 +5,9 @@ Builds a model directory around bench/zero_cost_model.py, starts `transerve serv
 one process) each stream `--max-tokens` tokens at once, and reads the server's CPU time (user + system,
 all threads, from /proc/PID/stat) before and after. Run through `bench/host_overhead.py serve`.
 
-With `--py-spy FILE` the server runs under `py-spy record` (collapsed stacks written to FILE) and the top
-functions by own samples and by total samples are printed; the CPU figures of such a run are not clean.
+With `--py-spy FILE` (and `--runs 1`), `py-spy record` attaches to the server for the measured load
+(collapsed stacks written to FILE) and the top functions by own and by total samples are printed; the
+CPU figures of such a run include py-spy's pauses of the server.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import collections
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,14 +46,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, args, log) -> tuple[subprocess.Popen, int, str]:
-    """The server process and its pid (py-spy's child when profiling), once /health answers."""
+def start_server(model_dir: Path, args, log) -> tuple[subprocess.Popen, str]:
+    """The server process, once /health answers."""
     port = free_port()
     command = [sys.executable, "-m", "transerve.cli.main", "serve", str(model_dir), "--trust-remote-code",
                "--device", "cpu", "--dtype", "float32", "--max-num-seqs", str(args.clients),
                "--max-queued-requests", str(2 * args.clients), "--host", "127.0.0.1", "--port", str(port)]
-    if args.py_spy:
-        command = [args.py_spy_bin, "record", "-r", "100", "-f", "raw", "-o", args.py_spy, "--", *command]
     # One intra-op thread: idle OpenMP threads that spin would be counted as server CPU.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.server_threads), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -67,12 +67,7 @@ def start_server(model_dir: Path, args, log) -> tuple[subprocess.Popen, int, str
             time.sleep(0.3)
     else:
         raise TimeoutError(f"server did not start; see {log.name}")
-    pid = proc.pid
-    if args.py_spy:
-        import psutil
-
-        pid = psutil.Process(proc.pid).children()[0].pid
-    return proc, pid, url
+    return proc, url
 
 
 async def one_client(client: httpx.AsyncClient, url: str, max_tokens: int, index: int) -> tuple[int, int]:
@@ -101,9 +96,18 @@ async def load(url: str, clients: int, max_tokens: int) -> tuple[int, int]:
 
 
 def run_once(url: str, pid: int, args) -> dict[str, float]:
+    spy = None
+    if args.py_spy:  # attached for the measured load only (not start-up or warm-up)
+        spy = subprocess.Popen([args.py_spy_bin, "record", "--gil", "-r", "200", "-f", "raw",
+                                "-o", args.py_spy, "--pid", str(pid)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
     cpu, wall = cpu_seconds(pid), time.perf_counter()
     tokens, chunks = asyncio.run(load(url, args.clients, args.max_tokens))
     cpu, wall = cpu_seconds(pid) - cpu, time.perf_counter() - wall
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        spy.wait(60)
     return {"tokens": tokens, "chunks": chunks, "cpu_s": cpu, "wall_s": wall, "us_per_token": cpu / tokens * 1e6}
 
 
@@ -118,7 +122,7 @@ def top_functions(path: str, count: int = 25) -> None:
         own[frames[-1]] += n
         for frame in set(frames):
             total[frame] += n
-    print(f"\npy-spy: {samples} samples of the server (idle threads excluded); top by own samples:")
+    print(f"\npy-spy --gil: {samples} samples of the server thread holding the GIL; top by own samples:")
     for frame, n in own.most_common(count):
         print(f"  {100 * n / samples:5.1f}%  {frame}")
     print("top by total samples (the frame or anything it called):")
@@ -139,10 +143,10 @@ def main(argv: list[str]) -> None:
     work = Path(tempfile.mkdtemp(prefix="host-overhead-"))
     model_dir = zero_cost_model.build_model_dir(work / "zero-cost", args.vocab)
     with open(work / "server.log", "w+") as log:
-        proc, pid, url = start_server(model_dir, args, log)
+        proc, url = start_server(model_dir, args, log)
         try:
             asyncio.run(load(url, min(args.clients, 16), 8))  # warm-up: first-request paths, allocator
-            rows = [run_once(url, pid, args) for _ in range(args.runs)]
+            rows = [run_once(url, proc.pid, args) for _ in range(args.runs)]
         finally:
             proc.terminate()
             proc.wait(60)
