@@ -65,15 +65,19 @@ class Clock:
 
 
 CLOCK = Clock()
-for _name in ("sample_step", "record_samples"):  # names ModelRunner.execute looks up in its module
-    setattr(model_runner, _name, CLOCK.timed("sampling", getattr(model_runner, _name)))
 
 
-def instrument(runner: ModelRunner, clock: Clock) -> None:
-    """Time the model call and the sampling kernel inside execute ('sampling' is timed above); 'inputs'
-    is what execute spends besides them."""
-    runner.model = clock.timed("model", runner.model)
-    runner.sample = clock.timed("sample kernel", runner.sample)
+def instrument_module() -> None:
+    """Once per process: sample_step and record_samples, as ModelRunner.execute looks them up."""
+    for name in ("sample_step", "record_samples"):
+        setattr(model_runner, name, CLOCK.timed("sampling", getattr(model_runner, name)))
+
+
+def instrument(runner: ModelRunner) -> None:
+    """The model call and the sampling kernel inside execute; 'inputs' is what execute spends besides
+    them and sampling."""
+    runner.model = CLOCK.timed("model", runner.model)
+    runner.sample = CLOCK.timed("sample kernel", runner.sample)
 
 
 async def measure(batch: int, steps: int, vocab: int, tokenizer, profile: bool) -> dict[str, float]:
@@ -84,7 +88,7 @@ async def measure(batch: int, steps: int, vocab: int, tokenizer, profile: bool) 
     config = EngineConfig(device="cpu", dtype="float32", cache=CacheConfig(num_kv_blocks=num_blocks))
     runner = ModelRunner(zero_cost_model.build_model(vocab), config, num_blocks, PROMPT_LEN + max_tokens)
     clock = CLOCK
-    instrument(runner, clock)
+    instrument(runner)
     core = EngineCore(SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=8192), num_blocks, 16,
                       PROMPT_LEN + max_tokens, enable_prefix_caching=False)
     rng = random.Random(batch)
@@ -185,6 +189,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=1024, help="logits' width (the sampling kernel's work)")
     parser.add_argument("--profile", action="store_true", help="cProfile the last batch size's steps (one run)")
     args = parser.parse_args()
+    instrument_module()
     torch.set_num_threads(1)  # host work is single-threaded; keep the CPU reference kernels off other cores
     tokenizer = zero_cost_model.smollm2_tokenizer()
     runs = []
