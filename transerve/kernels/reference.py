@@ -349,3 +349,17 @@ def _choose(logits, temperature, top_k, top_p, min_p, seeds, steps) -> torch.Ten
     else:
         race = probs.masked_fill(~kept, 0.0) / -torch.log(uniform_noise_ref(seeds, steps, probs.shape[-1]))
     return torch.where(temperature > 0, race.argmax(dim=-1), greedy)
+
+
+def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Constrained decoding: logits[rows[k], t] = -inf unless bit t % 32 of bitmask[k, t // 32] is set.
+
+    logits [num_seqs, vocab] float32, edited in place and returned; bitmask [len(rows), words] int32; rows int64.
+    Tokens past the bitmask's width (32 * words) are masked too."""
+    vocab = logits.shape[1]
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    return logits
