@@ -54,7 +54,9 @@ def tool_call_structure(tool_format: str, tools: list[dict[str, Any]], parallel:
     before, after, separator = {"hermes": ("<tool_call>\n", "\n</tool_call>", "\n"), "llama3_json": ("", "", "; "),
                                 "mistral": ("", "", ", ")}[tool_format]
     tags = [{"type": "tag", "begin": f'{before}{{"name": {json.dumps(tool["name"])}, "{key}": ',
-             "content": {"type": "json_schema", "json_schema": tool["parameters"]}, "end": "}" + after} for tool in tools]
+             # At most one whitespace character between tokens: a small model could pad forever.
+             "content": {"type": "json_schema", "json_schema": tool["parameters"], "max_whitespace_cnt": 1},
+             "end": "}" + after} for tool in tools]
     calls = {"type": "tags_with_separator", "tags": tags, "separator": separator, "at_least_one": True,
              "stop_after_first": not parallel}
     if tool_format == "mistral":  # [TOOL_CALLS][{...}, {...}]
