@@ -55,3 +55,14 @@ def test_kernel_matches_reference(num_seqs, rows, words):
     expected = apply_token_bitmask_ref(logits.clone(), bitmask, index)
     got = K.token_bitmask.apply_token_bitmask(logits, bitmask, index)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("rows", [[4, 1, 5], [0, 1, 2, 3, 4, 5]])
+def test_cpu_dispatch_matches_reference(monkeypatch, rows):
+    from transerve.kernels import apply_token_bitmask
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    logits, bitmask, rows = _case(6, rows, 1000, 32)  # 1024 bits: a padded vocabulary
+    logits = logits.cpu()
+    expected = apply_token_bitmask_ref(logits.clone(), bitmask.cpu(), rows.cpu())
+    assert torch.equal(apply_token_bitmask(logits, bitmask.cpu(), rows.cpu()), expected)
