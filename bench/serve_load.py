@@ -201,6 +201,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true (vLLM / transerve)")
     p.add_argument("--extra-body", type=json.loads, default={}, metavar="JSON",
                    help="JSON object merged into every request body")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="also run every pass constrained to this JSON schema (response_format on chat, "
+                        "structured_outputs on completions), right after the free pass, and print the ratio")
     p.add_argument("--api-key", default=None)
     p.add_argument("--label", default=None, help="server name for the table (default: host:port)")
     p.add_argument("--warmup", type=int, default=0, help="requests sent (concurrently) before measuring")
@@ -237,16 +240,31 @@ async def main_async(args: argparse.Namespace, rows: list[dict]) -> None:
         if args.warmup:
             res, _ = await run_pass(client, url, bodies(args.warmup, 10**6), args.endpoint, args.warmup)
             print(f"# warmup: {sum(r.ok for r in res)}/{len(res)} ok", file=sys.stderr)
+        constraint = {}
+        if args.json_schema:
+            with open(args.json_schema) as f:
+                schema = json.load(f)
+            constraint = ({"response_format": {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}}
+                          if args.endpoint == "chat" else {"structured_outputs": {"json": schema}})
         for i, (conc, count) in enumerate(zip(args.concurrency, args.num_requests)):
-            results, duration = await run_pass(client, url, bodies(count, 1000 * i), args.endpoint, conc)
-            for err in sorted({r.error for r in results if not r.ok})[:3]:
-                print(f"# concurrency {conc}: failed: {err}", file=sys.stderr)
-            row = summarize(label, conc, results, duration)
-            row.update(model=model, endpoint=args.endpoint, max_tokens=args.max_tokens, num_requests=count,
-                       requests=[asdict(r) for r in results])
-            rows.append(row)
-            print(f"# done concurrency {conc}: {row['ok']}/{count} ok in {duration:.1f}s\n"
-                  + format_table([row]).splitlines()[2], file=sys.stderr)
+            free = None
+            for kind, extra in [("", {}), *([(" +json-schema", constraint)] if constraint else [])]:
+                batch = [{**body, **extra} for body in bodies(count, 1000 * i)]
+                results, duration = await run_pass(client, url, batch, args.endpoint, conc)
+                for err in sorted({r.error for r in results if not r.ok})[:3]:
+                    print(f"# concurrency {conc}: failed: {err}", file=sys.stderr)
+                row = summarize(label + kind, conc, results, duration)
+                row.update(model=model, endpoint=args.endpoint, max_tokens=args.max_tokens, num_requests=count,
+                           requests=[asdict(r) for r in results])
+                rows.append(row)
+                print(f"# done concurrency {conc}{kind}: {row['ok']}/{count} ok in {duration:.1f}s\n"
+                      + format_table([row]).splitlines()[2], file=sys.stderr)
+                if free is None:
+                    free = row
+                else:
+                    ratio = row["output_tok_per_s"] / free["output_tok_per_s"] if free["output_tok_per_s"] else 0.0
+                    print(f"# concurrency {conc}: constrained output throughput is {100 * ratio:.0f}% of free",
+                          file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,8 @@ import torch
 
 GPU = os.environ.get("TRANSERVE_KERNEL_TESTS") == "gpu"
 DEVICE = torch.device("cuda" if GPU else "cpu")
-KERNEL_MODULES = ("transerve.kernels.kv_cache", "transerve.kernels.paged_attention", "transerve.kernels.sampling")
+KERNEL_MODULES = ("transerve.kernels.kv_cache", "transerve.kernels.paged_attention", "transerve.kernels.sampling",
+                  "transerve.kernels.token_bitmask")
 
 
 def import_kernels() -> SimpleNamespace:

@@ -74,8 +74,9 @@ def test_generation_config_object_or_json_string(client, as_string):
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"web_search_options": {}}, "web_search_options"),
     ({"frobnicate": 1}, "frobnicate"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format.json_schema.schema"),
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools to call
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"logit_bias": {"99999999": 5}}, "logit_bias"),
     ({"presence_penalty": 3}, "presence_penalty"),

@@ -114,7 +114,7 @@ def test_function_call_outputs_go_back_in(client):
 
 @pytest.mark.parametrize("body, param", [
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}}, "text.format.schema"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"truncation": "auto"}, "truncation"),
     ({"background": True}, "background"),

@@ -62,6 +62,7 @@ class TokenizedRequest:
     prompt_token_ids: tuple[int, ...]
     sampling_params: SamplingParams
     multimodal: Any = None  # a MultimodalPrompt (engine/multimodal.py) when the prompt has images
+    constraint: Any = None  # a Constraint (engine/grammar.py) when the output must follow a grammar
 
 
 # client -> scheduler: the client went away, a stop string matched, or tokenization failed

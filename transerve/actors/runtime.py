@@ -38,7 +38,7 @@ async def start_engine(task_group: TaskGroup, loaded: LoadedModel | Transcriber,
     scheduler = SchedulerActor(loaded.core, loaded.eos_token_ids, sched_recv, exec_send, result_recv, detok_send.clone(),
                                publish_stats=client.update_stats)
     task_group.start_soon(tokenizer_actor, loaded.tokenizer, loaded.max_model_len, loaded.core.kv_capacity, tok_recv,
-                          detok_send, sched_send, loaded.image_prompts)
+                          detok_send, sched_send, loaded.image_prompts, loaded.vocab_size)
     task_group.start_soon(scheduler.run)
     task_group.start_soon(executor_actor, loaded.runner, exec_recv, result_send)
     task_group.start_soon(detokenizer_actor, loaded.tokenizer, detok_recv)

@@ -84,6 +84,7 @@ class SchedulerActor:
             seed=params.seed if params.seed is not None else random.getrandbits(62),
             eos_token_ids=self.eos_token_ids,
             multimodal=message.multimodal,
+            constraint=message.constraint,
         )
         if not self.core.add_request(request):
             await self.to_detokenizer.send(RequestFailed(

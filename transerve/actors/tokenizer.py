@@ -3,6 +3,8 @@ also decides how the detokenizer parses the answer (tool-call syntax, thoughts).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 
 import anyio
@@ -11,8 +13,9 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from transerve.actors.messages import (
     Abort, OpenStream, OutputOptions, ParserSpec, RequestError, TokenizedRequest, TokenizeRequest,
 )
-from transerve.actors.tool_formats import END_THINK, THINK, detect_tool_format
-from transerve.engine.request import ContextLengthError, fit_max_tokens
+from transerve.actors.tool_formats import END_THINK, THINK, detect_tool_format, tool_call_structure
+from transerve.engine.grammar import Constraint, GrammarCompiler, GrammarError
+from transerve.engine.request import ContextLengthError, GrammarKind, GrammarSpec, fit_max_tokens
 from transerve.media.errors import PromptError
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,31 @@ class ParserSpecs:
         return ParserSpec(self.tool_format if options.tools else None, reasoning, in_reasoning, options.parallel_tool_calls)
 
 
+class Grammars:
+    """Compiles requests' grammars for this model, in a worker thread: the tool-call syntax is the model's,
+    and a prompt that ends inside a thought gets its grammar only after the thought ends."""
+
+    def __init__(self, tokenizer, vocab_size: int, tool_format: str) -> None:
+        self.tokenizer, self.vocab_size, self.tool_format = tokenizer, vocab_size, tool_format
+        self.compiler: GrammarCompiler | None = None  # built on first use: reading the vocabulary takes a moment
+        end_think = tokenizer.convert_tokens_to_ids(END_THINK) if END_THINK in tokenizer.get_vocab() else None
+        self.end_think: int | None = end_think
+
+    async def constraint(self, spec: GrammarSpec, parser: ParserSpec | None) -> Constraint:
+        if spec.kind is GrammarKind.TOOL_CALLS:
+            calls = json.loads(spec.spec)
+            structure = tool_call_structure(self.tool_format, calls["tools"], calls["parallel"])
+            spec = dataclasses.replace(spec, kind=GrammarKind.STRUCTURAL_TAG, spec=json.dumps(structure))
+        grammar = await anyio.to_thread.run_sync(self._compile, spec)
+        thinking = parser is not None and parser.in_reasoning
+        return Constraint(grammar, self.end_think if thinking else None)
+
+    def _compile(self, spec: GrammarSpec):
+        if self.compiler is None:
+            self.compiler = GrammarCompiler(self.tokenizer, self.vocab_size or len(self.tokenizer))
+        return self.compiler.compile(spec)
+
+
 async def tokenizer_actor(
     tokenizer,
     max_model_len: int,
@@ -71,11 +99,14 @@ async def tokenizer_actor(
     to_detokenizer: ObjectSendStream[OpenStream],
     to_scheduler: ObjectSendStream[TokenizedRequest | Abort],
     image_prompts=None,
+    vocab_size: int = 0,
 ) -> None:
     """Aborts pass through here too, so an abort never overtakes the request it cancels.
 
-    `image_prompts` (media/processor.py) prepares a VLM's prompts with images, in a worker thread."""
+    `image_prompts` (media/processor.py) prepares a VLM's prompts with images, in a worker thread.
+    `vocab_size`: the LM head's rows, the width of constrained decoding's token bitmask."""
     specs = ParserSpecs(tokenizer)
+    grammars = Grammars(tokenizer, vocab_size, specs.tool_format)
     async with inbox, to_detokenizer, to_scheduler:
         async for message in inbox:
             if isinstance(message, Abort):
@@ -92,6 +123,12 @@ async def tokenizer_actor(
                     ids, prompt_text = tokenize(tokenizer, request, image_prompts and image_prompts.render)
                 params = fit_max_tokens(request.sampling_params, len(ids), max_model_len, kv_capacity)
                 parser = specs.spec(request.output, prompt_text)
+                constraint = None
+                if params.grammar is not None:  # the tokenizer waits for the compile; the batch does not
+                    constraint = await grammars.constraint(params.grammar, parser)
+            except GrammarError as exc:
+                await _fail(request, RequestError(str(exc), 400, exc.param, request.index))
+                continue
             except ContextLengthError as exc:
                 param = exc.field if exc.field != "prompt" or request.messages is None else "messages"
                 await _fail(request, RequestError(str(exc), 400, param, request.index))
@@ -104,7 +141,7 @@ async def tokenizer_actor(
                 await _fail(request, RequestError(f"tokenization failed: {exc}", 500, index=request.index))
                 continue
             await to_detokenizer.send(OpenStream(request.request_id, request.stop, request.sink, request.index, parser))
-            await to_scheduler.send(TokenizedRequest(request.request_id, tuple(ids), params, multimodal))
+            await to_scheduler.send(TokenizedRequest(request.request_id, tuple(ids), params, multimodal, constraint))
 
 
 async def _fail(request: TokenizeRequest, error: RequestError) -> None:

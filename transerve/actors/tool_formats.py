@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 THINK, END_THINK = "<think>", "</think>"
 HEADER = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
@@ -42,6 +44,25 @@ def detect_tool_format(chat_template: str, vocab: set[str] | dict) -> str:
     if "<|python_tag|>" in chat_template or "<|start_header_id|>" in chat_template:
         return "llama3_json"
     return "hermes"  # the most common syntax among open models
+
+
+def tool_call_structure(tool_format: str, tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    """An xgrammar structural tag for `tool_choice` required or named: one call (several if `parallel`) to
+    one of `tools` ({"name", "parameters"}), its arguments valid against the tool's schema, written the
+    way this format writes calls, so the output parser reads it like any other call."""
+    key = "parameters" if tool_format == "llama3_json" else "arguments"
+    before, after, separator = {"hermes": ("<tool_call>\n", "\n</tool_call>", "\n"), "llama3_json": ("", "", "; "),
+                                "mistral": ("", "", ", ")}[tool_format]
+    tags = [{"type": "tag", "begin": f'{before}{{"name": {json.dumps(tool["name"])}, "{key}": ',
+             # At most one whitespace character between tokens: a small model could pad forever.
+             "content": {"type": "json_schema", "json_schema": tool["parameters"], "max_whitespace_cnt": 1},
+             "end": "}" + after} for tool in tools]
+    calls = {"type": "tags_with_separator", "tags": tags, "separator": separator, "at_least_one": True,
+             "stop_after_first": not parallel}
+    if tool_format == "mistral":  # [TOOL_CALLS][{...}, {...}]
+        calls = {"type": "sequence", "elements": [{"type": "const_string", "value": TOOL_FORMATS["mistral"].start + "["},
+                                                  calls, {"type": "const_string", "value": "]"}]}
+    return {"type": "structural_tag", "format": calls}
 
 
 def marker_tokens(tool_format: str | None, reasoning: bool) -> tuple[str, ...]:

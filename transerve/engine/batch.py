@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transerve.engine.request import SamplingParams
-from transerve.engine.step import NewRequest, SampledTokens, ScheduledStep
+from transerve.engine.step import NewRequest, SampledTokens, ScheduledStep, TokenBitmask
 
 
 class RequestState:
@@ -43,6 +43,7 @@ class PackedStep:
     sample_rows: list[int] = field(default_factory=list)  # packed positions whose logits are sampled
     sampled: list[RequestState] = field(default_factory=list)  # the requests those rows sample for
     bans: list[tuple[int, ...]] = field(default_factory=list)  # and their bans, row by row
+    bitmask: TokenBitmask | None = None  # the step's, its rows renumbered to sampled rows
     chunks: list[tuple[RequestState, int, int]] = field(default_factory=list)  # (request, start, tokens)
 
 
@@ -60,11 +61,12 @@ def pack_step(states: dict[str, RequestState], step: ScheduledStep, block_size: 
     input_ids, positions, slots, seq_lens = packed.input_ids, packed.positions, packed.slots, packed.seq_lens
     query_start_loc = packed.query_start_loc
     rows = []
+    sample_index = {}  # step index -> sampled row
     bs = block_size
-    for request_id, start, n, new_blocks, sample, bans in zip(
+    for i, (request_id, start, n, new_blocks, sample, bans) in enumerate(zip(
         step.request_ids, step.num_computed_tokens, step.num_scheduled_tokens, step.new_block_ids, step.samples,
         step.banned_token_ids,
-    ):
+    )):
         state = states[request_id]
         blocks = state.block_ids
         if new_blocks:
@@ -84,11 +86,14 @@ def pack_step(states: dict[str, RequestState], step: ScheduledStep, block_size: 
         rows.append(blocks)
         packed.chunks.append((state, start, n))
         if sample:
+            sample_index[i] = len(packed.sampled)
             packed.sample_rows.append(query_start_loc[-1] - 1)
             packed.sampled.append(state)
             packed.bans.append(bans)
     width = max(len(row) for row in rows)
     packed.block_tables = [row if len(row) == width else row + [0] * (width - len(row)) for row in rows]
+    if (mask := step.token_bitmask) is not None:
+        packed.bitmask = TokenBitmask(tuple(sample_index[i] for i in mask.rows), mask.words)
     return packed
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from transerve.config import SchedulerConfig
 from transerve.engine.block_manager import BlockManager
+from transerve.engine.grammar import Matcher, fill_bitmask
 from transerve.engine.request import ContextLengthError, Request, RequestStatus, banned_token_ids, fit_max_tokens
 from transerve.engine.scheduler import Scheduler, Step
 from transerve.engine.stats import SchedulerStats
@@ -34,6 +35,7 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self.num_failed_steps = 0  # steps whose model call raised; read by /metrics
         self.freed_request_ids: list[str] = []  # for the next step that runs: the runner drops their state
+        self.matchers: dict[str, Matcher] = {}  # constrained requests: where each output stands in its grammar
 
     def add_request(self, request: Request) -> bool:
         """Queue a request, its max_tokens resolved by `fit_max_tokens` (the server's tokenizer has done so
@@ -44,6 +46,10 @@ class EngineCore:
         except ContextLengthError:
             return False
         self.requests[request.request_id] = request
+        if request.constraint is not None:
+            params = request.sampling_params
+            stops = params.stop_token_ids if params.ignore_eos else request.eos_token_ids | set(params.stop_token_ids)
+            self.matchers[request.request_id] = Matcher(request.constraint, stops)
         self.scheduler.add(request)
         return True
 
@@ -57,6 +63,7 @@ class EngineCore:
         if request is None:
             return None
         self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        self.matchers.pop(request_id, None)
         self.freed_request_ids.append(request_id)
         return self._output(request, None)
 
@@ -72,7 +79,8 @@ class EngineCore:
             return step, EMPTY_STEP
         new_requests = []
         computed, scheduled, blocks, samples, bans = [], [], [], [], []
-        for item in step.scheduled:
+        mask_rows, matchers = [], []
+        for i, item in enumerate(step.scheduled):
             request = item.request
             if item.is_new:
                 new_requests.append(NewRequest(request.request_id, tuple(request.prompt_token_ids),
@@ -84,17 +92,24 @@ class EngineCore:
             sample = item.samples
             samples.append(sample)
             bans.append(banned_token_ids(request) if sample and request.sampling_params.has_bans else ())
+            if sample and (matcher := self.matchers.get(request.request_id)) is not None and matcher.active:
+                mask_rows.append(i)
+                matchers.append(matcher)
         freed, self.freed_request_ids = tuple(self.freed_request_ids), []
         return step, ScheduledStep(tuple(new_requests), tuple(item.request.request_id for item in step.scheduled),
-                                   tuple(computed), tuple(scheduled), tuple(blocks), tuple(samples), tuple(bans), freed)
+                                   tuple(computed), tuple(scheduled), tuple(blocks), tuple(samples), tuple(bans), freed,
+                                   fill_bitmask(mask_rows, matchers))
 
     def apply(self, step: Step, sampled: SampledTokens) -> list[TokenOutput]:
         """Apply a step's sampled tokens; one output per new token, finished requests removed."""
         outputs = []
         for request in self.scheduler.update(step, sampled.token_ids):
             outputs.append(self._output(request, request.output_token_ids[-1]))
+            if (matcher := self.matchers.get(request.request_id)) is not None:
+                matcher.accept(request.output_token_ids[-1])
             if request.status.is_finished:
                 del self.requests[request.request_id]
+                self.matchers.pop(request.request_id, None)
                 self.freed_request_ids.append(request.request_id)
         return outputs
 

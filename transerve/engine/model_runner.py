@@ -101,6 +101,6 @@ class ModelRunner:
         if not packed.sampled:
             return SampledTokens()
         # contiguous: the CPU LM head may hand back a transposed view (engine/cpu_linear.py).
-        sampled = sample_step(self.sample, logits.float().contiguous(), packed.sampled, packed.bans)
+        sampled = sample_step(self.sample, logits.float().contiguous(), packed.sampled, packed.bans, packed.bitmask)
         record_samples(packed, sampled)
         return sampled

@@ -20,6 +20,26 @@ class RequestStatus(enum.Enum):
         return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
 
 
+class GrammarKind(enum.Enum):
+    JSON_SCHEMA = "json_schema"  # spec: the schema as JSON text
+    JSON_OBJECT = "json_object"  # any JSON object; spec unused
+    REGEX = "regex"
+    CHOICE = "choice"  # spec: a JSON list of the strings to choose from
+    EBNF = "grammar"  # xgrammar's EBNF (GBNF-like), as vLLM's `structured_outputs.grammar`
+    TOOL_CALLS = "tool_calls"  # spec: JSON {"tools": [{"name", "parameters"}], "parallel": bool}; in the model's syntax
+    STRUCTURAL_TAG = "structural_tag"  # xgrammar's structural tag (JSON): what TOOL_CALLS becomes for a model
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What the output must match (engine/grammar.py compiles it); `param` is the request field it came
+    from, named in the 400 when it does not compile."""
+
+    kind: GrammarKind
+    spec: str = ""
+    param: str = field(default="", compare=False)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = None  # None: as many as the context and the KV cache leave room for
@@ -38,6 +58,7 @@ class SamplingParams:
     min_tokens: int = 0  # end-of-sequence and stop token ids are banned until this many tokens
     no_repeat_ngram_size: int = 0  # 0 means off; n bans any token that would repeat an n-gram
     bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences never to complete
+    grammar: GrammarSpec | None = None  # constrained decoding: only tokens that keep the output in the grammar
 
     @property
     def has_penalties(self) -> bool:
@@ -111,6 +132,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache on first admission
     num_preemptions: int = 0
     multimodal: Any = None  # a MultimodalPrompt (engine/multimodal.py): the prompt's images, opaque here
+    constraint: Any = None  # a Constraint (engine/grammar.py): the compiled grammar the output follows
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -11,13 +11,15 @@ from typing import Callable
 import torch
 
 from transerve.engine.batch import RequestState
-from transerve.engine.step import SampledLogprobs, SampledTokens
+from transerve.engine.step import SampledLogprobs, SampledTokens, TokenBitmask
+from transerve.kernels import apply_token_bitmask
 
 
 def sample_step(sample: Callable, logits: torch.Tensor, requests: list[RequestState],
-                bans: list[tuple[int, ...]]) -> SampledTokens:
+                bans: list[tuple[int, ...]], bitmask: TokenBitmask | None = None) -> SampledTokens:
     """One kernel call for the whole step. `logits` is [len(requests), vocab] float32, row i for requests[i],
-    whose banned tokens this step are bans[i]."""
+    whose banned tokens this step are bans[i]; the bitmask (constrained decoding) masks its rows' logits
+    after logit_bias and before the sampling kernel, so logprobs are those of the masked distribution."""
     device = logits.device
 
     def tensor(values, dtype):
@@ -34,6 +36,9 @@ def sample_step(sample: Callable, logits: torch.Tensor, requests: list[RequestSt
     if rows:  # logit_bias and bans are sparse: one scatter, not a dense [requests, vocab] bias
         logits = logits.index_put((tensor(rows, torch.int64), tensor(cols, torch.int64)),
                                   tensor(values, torch.float32), accumulate=True)
+    if bitmask is not None:
+        words = torch.from_numpy(bitmask.words).to(device, non_blocking=True)
+        logits = apply_token_bitmask(logits, words, tensor(bitmask.rows, torch.int64))
     params = [r.params for r in requests]
     kwargs = {}
     if any(p.has_penalties for p in params):

@@ -6,7 +6,7 @@ another process unchanged.
 A request's data crosses once, as a `NewRequest`, in the step that admits it, or that resumes it after
 a preemption (its KV blocks were freed, so it starts over with every token it has so far). After that a
 step carries only deltas: where its chunk starts, how many tokens it runs, the KV blocks it gained, whether
-it samples, and this step's banned tokens. The runner keeps what it was given (tokens, block table row,
+it samples, this step's banned tokens, and (constrained decoding) its token bitmask. The runner keeps what it was given (tokens, block table row,
 sampling parameters) and appends the token it samples for a request, which is the token the core keeps
 unless it finishes the request; until a request's id comes back in `freed_request_ids`.
 """
@@ -33,6 +33,16 @@ class NewRequest:
 
 
 @dataclass(frozen=True)
+class TokenBitmask:
+    """Constrained decoding: which tokens each constrained request may sample this step. Row k of `words`
+    (a numpy int32 array [len(rows), ceil(vocab / 32)], vocab being the LM head's rows) is for the request
+    at index rows[k] of the step; bit t % 32 of word t // 32 set means token t is allowed."""
+
+    rows: tuple[int, ...]
+    words: Any
+
+
+@dataclass(frozen=True)
 class ScheduledStep:
     """One step. The per-request tuples are aligned: entry i is request_ids[i], in the order the runner packs
     them. The KV blocks of a request in `new_requests` come in its `new_block_ids` entry, all of them."""
@@ -46,6 +56,7 @@ class ScheduledStep:
     banned_token_ids: tuple[tuple[int, ...], ...]  # this step's bans (min_tokens, n-grams, bad words)
     # Finished, aborted or preempted since the last step: the runner drops their state before the rest.
     freed_request_ids: tuple[str, ...] = ()
+    token_bitmask: TokenBitmask | None = None  # None: no request in this step is constrained
 
     @property
     def num_requests(self) -> int:

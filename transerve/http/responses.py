@@ -61,8 +61,8 @@ def response_base(body: ResponsesRequest, model: str, temperature: float, top_p:
         "service_tier": "default",
         "store": False,
         "temperature": temperature,
-        "text": {"format": {"type": "text"}},
-        "tool_choice": body.tool_choice or "auto",
+        "text": {"format": _dump(body.text and body.text.format) or {"type": "text"}},
+        "tool_choice": _dump(body.tool_choice) or "auto",
         "tools": [tool.model_dump() for tool in body.tools or ()] if body.tool_choice != "none" else [],
         "top_logprobs": body.top_logprobs,
         "top_p": top_p,
@@ -70,6 +70,11 @@ def response_base(body: ResponsesRequest, model: str, temperature: float, top_p:
         "usage": None,
         "user": body.user,
     }
+
+
+def _dump(value):
+    """A request object as the client sent it (aliases: `schema`, `name`), for echoing."""
+    return value.model_dump(by_alias=True, exclude_none=True) if hasattr(value, "model_dump") else value
 
 
 def output_items(choice: Choice, logprobs: bool) -> list[dict]:

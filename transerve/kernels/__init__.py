@@ -6,7 +6,9 @@ import os
 
 import torch
 
-from transerve.kernels.reference import SampleOutput, paged_attention_ref, sample_ref, write_kv_ref
+from transerve.kernels.reference import (
+    SampleOutput, apply_token_bitmask_ref, paged_attention_ref, sample_ref, write_kv_ref,
+)
 
 
 def use_triton(device: torch.device) -> bool:
@@ -26,4 +28,26 @@ def kernels_for(device: torch.device):
     return write_kv_ref, paged_attention_ref, sample_ref
 
 
-__all__ = ["SampleOutput", "kernels_for", "use_triton", "paged_attention_ref", "sample_ref", "write_kv_ref"]
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Constrained decoding's mask, on the logits' device (see `apply_token_bitmask_ref`). On CPU, xgrammar's
+    own C++ loop, about ten times faster than the torch reference (which stays the test oracle)."""
+    if use_triton(logits.device):
+        try:
+            from transerve.kernels.token_bitmask import apply_token_bitmask as kernel
+        except ImportError:
+            return apply_token_bitmask_ref(logits, bitmask, rows)
+        return kernel(logits, bitmask, rows)
+    if logits.device.type == "cpu" and bitmask.shape[1] * 32 >= logits.shape[1]:
+        import xgrammar
+
+        index = rows.tolist()
+        if index != list(range(logits.shape[0])):  # xgrammar wants the bitmask row of each logits row
+            full = torch.full((logits.shape[0], bitmask.shape[1]), -1, dtype=torch.int32)
+            full[rows] = bitmask
+            bitmask = full
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask, indices=index)
+        return logits
+    return apply_token_bitmask_ref(logits, bitmask, rows)
+
+
+__all__ = ["apply_token_bitmask", "apply_token_bitmask_ref", "SampleOutput", "kernels_for", "use_triton", "paged_attention_ref", "sample_ref", "write_kv_ref"]

@@ -12,6 +12,8 @@ Shapes used throughout:
 
 from __future__ import annotations
 
+import functools
+
 import weakref
 from typing import NamedTuple
 
@@ -349,3 +351,26 @@ def _choose(logits, temperature, top_k, top_p, min_p, seeds, steps) -> torch.Ten
     else:
         race = probs.masked_fill(~kept, 0.0) / -torch.log(uniform_noise_ref(seeds, steps, probs.shape[-1]))
     return torch.where(temperature > 0, race.argmax(dim=-1), greedy)
+
+
+def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Constrained decoding: logits[rows[k], t] = -inf unless bit t % 32 of bitmask[k, t // 32] is set.
+
+    logits [num_seqs, vocab] float32, edited in place and returned; bitmask [len(rows), words] int32; rows int64.
+    Tokens past the bitmask's width (32 * words) are masked too."""
+    vocab = logits.shape[1]
+    # Byte by byte through a 256 x 8 table (the words are little-endian): far cheaper than shifting int32s.
+    table = _byte_bits(bitmask.device)
+    allowed = table[bitmask.contiguous().view(torch.uint8).long()].flatten(1)[:, :vocab]
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    if rows.numel() == logits.shape[0] and torch.equal(rows, torch.arange(rows.numel(), device=rows.device)):
+        return logits.masked_fill_(~allowed, float("-inf"))  # every row, in order: no gather
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    return logits
+
+
+@functools.cache
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: bit j of byte b."""
+    return ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool().to(device)

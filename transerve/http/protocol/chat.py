@@ -8,8 +8,12 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from transerve.engine.request import GrammarSpec
 from transerve.http.protocol.base import HONOURED, IGNORED, PARTLY, Part, invalid, only, rejected, spec
 from transerve.http.protocol.sampling import MAX_LOGPROBS, MaxTokens, OpenAIServiceFields, SamplingRequest
+from transerve.http.protocol.structured import (
+    JSON_NOTE, STRUCTURED_NOTE, NamedToolChoice, ResponseFormat, StructuredOutputs, one_grammar, tool_calls_spec,
+)
 
 PARALLEL_NOTE = "false ends the answer after the first complete call"
 # apply_chat_template's own arguments: a request may not swap the template or change how it is applied.
@@ -154,10 +158,6 @@ class ChatTool(Part):
     function: FunctionSpec
 
 
-class ResponseFormat(Part):
-    type: Literal["text"]
-
-
 def _template_kwargs_allowed(kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
     for name in kwargs or ():
         if name in RESERVED_TEMPLATE_KWARGS:
@@ -166,9 +166,10 @@ def _template_kwargs_allowed(kwargs: dict[str, Any] | None) -> dict[str, Any] | 
 
 
 TemplateKwargs = Annotated[dict[str, Any], AfterValidator(_template_kwargs_allowed)]
-ToolChoice = Annotated[Literal["auto", "none"], only(
-    lambda v: v in ("auto", "none"),
-    "only 'auto' and 'none' are supported: 'required' and a named function need constrained decoding")]
+ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
+TOOL_CHOICE_NOTE = ("`auto`, `none` (tools are then not shown to the model), `required` (one or more calls) and a named "
+                    "function (one call to it): the calls are constrained to the model's tool-call syntax with each tool's "
+                    "`parameters` schema")
 
 
 class ChatCompletionRequest(SamplingRequest, OpenAIServiceFields):
@@ -183,13 +184,11 @@ class ChatCompletionRequest(SamplingRequest, OpenAIServiceFields):
     top_logprobs: int | None = spec(HONOURED, "0 to 20, needs logprobs", ge=0, le=MAX_LOGPROBS)
     tools: list[ChatTool] | None = spec(PARTLY, "`function` tools, rendered by the model's chat template; other tool types "
                                         "are a 400")
-    tool_choice: ToolChoice | None = spec(PARTLY, "`auto` and `none` (tools are then not shown to the model); `required` "
-                                          "and a named function need constrained decoding: 400")
+    tool_choice: ToolChoice | None = spec(HONOURED, TOOL_CHOICE_NOTE)
     parallel_tool_calls: bool = spec(HONOURED, PARALLEL_NOTE, True)
-    response_format: Annotated[ResponseFormat, only(
-        lambda v: isinstance(v, dict) and v.get("type") == "text",
-        "only {'type': 'text'} is supported (JSON modes need constrained decoding)")] | None = spec(
-        PARTLY, "`text` only; `json_object` and `json_schema` need constrained decoding: 400")
+    response_format: ResponseFormat | None = spec(
+        HONOURED, "`text`, `json_object`, `json_schema` (`strict` true or false alike): " + JSON_NOTE)
+    structured_outputs: StructuredOutputs | None = spec(HONOURED, STRUCTURED_NOTE)
     reasoning_effort: str | None = spec(
         HONOURED, "passed to the chat template as `reasoning_effort` (templates that know it use it)")
     chat_template_kwargs: TemplateKwargs | None = spec(HONOURED, "extension: extra variables for the chat template, e.g. "
@@ -229,6 +228,13 @@ class ChatCompletionRequest(SamplingRequest, OpenAIServiceFields):
 
     def template_kwargs(self) -> tuple[tuple[str, Any], ...]:
         return template_kwargs(self.chat_template_kwargs, self.reasoning_effort)
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        tools = [(tool.function.name, tool.function.parameters) for tool in self.tools or ()]
+        return one_grammar(
+            ("tool_choice", tool_calls_spec(self.tool_choice, tools, self.parallel_tool_calls)),
+            ("response_format", self.response_format and self.response_format.grammar("response_format")),
+            ("structured_outputs", self.structured_outputs and self.structured_outputs.grammar_spec()))
 
 
 def template_kwargs(kwargs: dict[str, Any] | None, reasoning_effort: str | None) -> tuple[tuple[str, Any], ...]:

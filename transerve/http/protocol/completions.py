@@ -8,7 +8,9 @@ from pydantic import Field, model_validator
 
 from transerve.http.errors import OpenAIError
 from transerve.http.protocol.base import HONOURED, PARTLY, invalid, rejected, spec
+from transerve.engine.request import GrammarSpec
 from transerve.http.protocol.sampling import MAX_CHOICES, MAX_LOGPROBS, MaxTokens, SamplingRequest
+from transerve.http.protocol.structured import STRUCTURED_NOTE, StructuredOutputs
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 Prompt = (str | Annotated[list[str], Field(min_length=1)] | TokenIds
@@ -27,6 +29,7 @@ class CompletionRequest(SamplingRequest):
     best_of: int | None = spec(PARTLY, "only equal to n (each choice is returned); more needs scoring of hidden choices: "
                                "400", ge=1, le=MAX_CHOICES)
     suffix: Any = rejected("fill-in-the-middle needs a model trained for it")
+    structured_outputs: StructuredOutputs | None = spec(HONOURED, STRUCTURED_NOTE)
 
     @model_validator(mode="after")
     def _combinations(self) -> CompletionRequest:
@@ -44,6 +47,9 @@ class CompletionRequest(SamplingRequest):
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        return self.structured_outputs.grammar_spec() if self.structured_outputs is not None else None
 
     def prompts(self, vocab_size: int) -> list[str | tuple[int, ...]]:
         """Each prompt: text, or token ids of this model."""

@@ -10,12 +10,16 @@ from pydantic import ConfigDict, Discriminator, Field, Tag
 
 from transerve.http.errors import OpenAIError
 from transerve.http.protocol.base import HONOURED, IGNORED, PARTLY, Part, only, rejected, spec
+from transerve.engine.request import GrammarSpec
 from transerve.http.protocol.chat import (
-    PARALLEL_NOTE, Arguments, Content, TemplateKwargs, ToolChoice, template_content, template_kwargs, template_tool,
+    PARALLEL_NOTE, TOOL_CHOICE_NOTE, Arguments, Content, TemplateKwargs, template_content, template_kwargs, template_tool,
 )
 from transerve.http.protocol.sampling import (
     LOGIT_BIAS_NOTE, MAX_LOGPROBS, PENALTY_NOTE, SEED_NOTE, STOP_NOTE, LogitBias, MaxTokens, OpenAIServiceFields, Sampling,
     SamplingRequest, Stop,
+)
+from transerve.http.protocol.structured import (
+    JSON_NOTE, ResponsesNamedToolChoice, ResponsesTextFormat, one_grammar, tool_calls_spec,
 )
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -75,13 +79,8 @@ class Reasoning(Part):
     summary: str | None = None
 
 
-class TextFormat(Part):
-    type: Literal["text"]
-
-
 class TextConfig(Part):
-    format: Annotated[TextFormat, only(lambda v: isinstance(v, dict) and v.get("type") == "text", "only {'type': 'text'} "
-                                       "is supported (JSON output needs constrained decoding)")] | None = None
+    format: ResponsesTextFormat | None = None
     verbosity: str | None = None
 
 
@@ -94,7 +93,7 @@ class ResponsesRequest(SamplingRequest, OpenAIServiceFields):
     instructions: str | None = spec(HONOURED, "a system message before the input")
     max_output_tokens: MaxTokens | None = spec(HONOURED, "default: the rest of the context")
     tools: list[ResponsesTool] | None = spec(PARTLY, "`function` tools; built-in tools (web search, file search, ...) are a 400")
-    tool_choice: ToolChoice | None = spec(PARTLY, "`auto` and `none`; `required` and a named function are a 400")
+    tool_choice: Literal["auto", "none", "required"] | ResponsesNamedToolChoice | None = spec(HONOURED, TOOL_CHOICE_NOTE)
     parallel_tool_calls: bool = spec(HONOURED, PARALLEL_NOTE, True)
     top_logprobs: int | None = spec(HONOURED, "0 to 20, in output_text.logprobs", ge=0, le=MAX_LOGPROBS)
     include: Annotated[list[Literal["message.output_text.logprobs", "reasoning.encrypted_content"]], only(
@@ -104,7 +103,8 @@ class ResponsesRequest(SamplingRequest, OpenAIServiceFields):
         "plain text); others name outputs of tools we do not have: 400")
     reasoning: Reasoning | None = spec(PARTLY, "`effort` is passed to the chat template as `reasoning_effort`; `summary` "
                                        "ignored (the reasoning item holds the thoughts themselves)")
-    text: TextConfig | None = spec(PARTLY, "format `text` only (others need constrained decoding: 400); `verbosity` ignored")
+    text: TextConfig | None = spec(PARTLY, "format `text`, `json_object`, `json_schema` (`strict` true or false alike): "
+                                   + JSON_NOTE + "; `verbosity` ignored")
     truncation: Annotated[Literal["disabled"], only(
         lambda v: v == "disabled", "'auto' is not supported: a prompt that does not fit is an error")] | None = spec(
         PARTLY, "`disabled` (a prompt that does not fit is a 400); `auto` is a 400")
@@ -180,3 +180,9 @@ class ResponsesRequest(SamplingRequest, OpenAIServiceFields):
 
     def template_kwargs(self) -> tuple[tuple[str, Any], ...]:
         return template_kwargs(self.chat_template_kwargs, self.reasoning_effort())
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        text_format = self.text.format if self.text is not None else None
+        tools = [(tool.name, tool.parameters) for tool in self.tools or ()]
+        return one_grammar(("tool_choice", tool_calls_spec(self.tool_choice, tools, self.parallel_tool_calls)),
+                           ("text.format", text_format and text_format.grammar("text.format")))

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, StringConstraints
 
-from transerve.engine.request import SamplingParams
+from transerve.engine.request import GrammarSpec, SamplingParams
 from transerve.http.errors import OpenAIError
 from transerve.http.genconfig import parse_generation_config
 from transerve.http.protocol.base import HONOURED, IGNORED, PARTLY, Part, RequestBody, spec
@@ -91,6 +91,10 @@ class SamplingRequest(RequestBody):
         """None: no logprobs; N: the sampled token's and the top N."""
         return None
 
+    def grammar_spec(self) -> GrammarSpec | None:
+        """What the output must follow (constrained decoding), if anything."""
+        return None
+
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
@@ -139,6 +143,7 @@ class SamplingRequest(RequestBody):
                 min_tokens=gen.get("min_tokens", 0),
                 no_repeat_ngram_size=gen.get("no_repeat_ngram_size", 0),
                 bad_words_ids=tuple(bad_words),
+                grammar=self.grammar_spec(),
             )
         except ValueError as exc:
             raise OpenAIError(str(exc), 400, "generation_config") from exc
