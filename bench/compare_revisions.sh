@@ -26,7 +26,10 @@ wait_up() { for _ in $(seq 600); do curl -sf "http://127.0.0.1:$1/health" >/dev/
 run_one() {  # $1 label, $2 source tree, $3 round
     local p server
     p=$(port)
-    (cd "$2" && PYTHONPATH="$2" HF_HUB_OFFLINE=1 timeout 1800 python -m transerve.cli.main serve "$MODEL" \
+    # exec: $! is then `timeout` itself, which passes the TERM below on to the server (a subshell would not,
+    # and a server left spinning would slow every later pass). The tree's own directory as cwd: `python -m`
+    # puts the cwd first on sys.path, so each server imports its own revision.
+    (cd "$2" && exec env PYTHONPATH="$2" HF_HUB_OFFLINE=1 timeout 1800 python -m transerve.cli.main serve "$MODEL" \
         --host 127.0.0.1 --port "$p" $SERVE_ARGS > "$OUT/$1-$3.log" 2>&1) &
     server=$!
     if wait_up "$p"; then
@@ -37,6 +40,7 @@ run_one() {  # $1 label, $2 source tree, $3 round
         echo "# $1 did not start; see $OUT/$1-$3.log" >&2
     fi
     kill -TERM $server 2>/dev/null; wait $server 2>/dev/null
+    if pgrep -f -- "--port $p " >/dev/null; then echo "# $1 server did not stop" >&2; pkill -9 -f -- "--port $p "; fi
 }
 
 for round in $(seq "$ROUNDS"); do
