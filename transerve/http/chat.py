@@ -9,12 +9,11 @@ import uuid
 from quart import Blueprint, current_app, jsonify, request
 
 from transerve.actors.client import GenerateRequest
-from transerve.actors.messages import OutputOptions, RequestError, TextDelta, Usage
-from transerve.http.errors import error_body
+from transerve.actors.messages import OutputOptions, TextDelta
 from transerve.http.images import load_message_images
-from transerve.http.output import Choice, collect, first_event, logprob_entries, stream, total_usage, usage_dict
+from transerve.http.output import Choice, ChoiceChunks, collect, first_event, logprob_entries, stream, total_usage, usage_dict
 from transerve.http.protocol.chat import ChatCompletionRequest
-from transerve.http.sse import DONE, SSE_HEADERS, sse
+from transerve.http.sse import SSE_HEADERS
 
 bp = Blueprint("chat", __name__)
 
@@ -77,20 +76,17 @@ def _delta(event: TextDelta) -> dict:
     return delta
 
 
-class ChatStream:
+class ChatStream(ChoiceChunks):
     """`chat.completion.chunk`s: each choice's role first, its deltas, its finish; usage last when asked."""
 
+    OBJECT = "chat.completion.chunk"
+
     def __init__(self, meta: dict, n: int, include_usage: bool, logprobs: bool) -> None:
-        self.meta, self.n, self.include_usage, self.logprobs = meta, n, include_usage, logprobs
-        self.usages: list[Usage | None] = [None] * n
+        super().__init__(meta, n, n, include_usage, logprobs)
 
     def chunk(self, index: int, delta: dict, finish_reason: str | None = None, event: TextDelta | None = None) -> bytes:
         entries = {"content": logprob_entries(event.logprobs), "refusal": None} if self.logprobs and event is not None else None
-        body = {**self.meta, "object": "chat.completion.chunk",
-                "choices": [{"index": index, "delta": delta, "logprobs": entries, "finish_reason": finish_reason}]}
-        if self.include_usage:
-            body["usage"] = None
-        return sse(body)
+        return self.choice_chunk({"index": index, "delta": delta, "logprobs": entries, "finish_reason": finish_reason})
 
     def start(self) -> list[bytes]:
         return [self.chunk(index, {"role": "assistant", "content": ""}) for index in range(self.n)]
@@ -104,12 +100,3 @@ class ChatStream:
             self.usages[event.index] = event.usage
             out.append(self.chunk(event.index, {}, event.finish_reason))
         return out
-
-    def failed(self, error: RequestError) -> list[bytes]:
-        return [sse(error_body(error.message, error.status_code, error.param)), DONE]
-
-    def ended(self) -> list[bytes]:
-        if not self.include_usage:
-            return [DONE]
-        usage = usage_dict(total_usage(self.usages, self.n))
-        return [sse({**self.meta, "object": "chat.completion.chunk", "choices": [], "usage": usage}), DONE]

@@ -9,12 +9,12 @@ import uuid
 from quart import Blueprint, current_app, jsonify, request
 
 from transerve.actors.client import GenerateRequest
-from transerve.actors.messages import RequestError, TextDelta, TokenLogprob, Usage
-from transerve.http.errors import OpenAIError, error_body
-from transerve.http.output import collect, finite, first_event, stream, total_usage, usage_dict
+from transerve.actors.messages import TextDelta, TokenLogprob
+from transerve.http.errors import OpenAIError
+from transerve.http.output import ChoiceChunks, collect, finite, first_event, stream, total_usage, usage_dict
 from transerve.http.protocol.completions import CompletionRequest
 from transerve.http.protocol.sampling import MAX_CHOICES
-from transerve.http.sse import DONE, SSE_HEADERS, sse
+from transerve.http.sse import SSE_HEADERS
 
 bp = Blueprint("completions", __name__)
 
@@ -69,20 +69,18 @@ def completion_logprobs(logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...],
     }, offset
 
 
-class CompletionStream:
+class CompletionStream(ChoiceChunks):
     """`text_completion` chunks: each echo first, then every delta with its finish; usage last when asked."""
 
+    OBJECT = "text_completion"
+
     def __init__(self, meta: dict, echoes: list[str], n: int, include_usage: bool, logprobs: bool) -> None:
-        self.meta, self.echoes, self.n, self.include_usage, self.logprobs = meta, echoes, n, include_usage, logprobs
-        self.usages: list[Usage | None] = [None] * len(echoes)
+        super().__init__(meta, len(echoes), n, include_usage, logprobs)
+        self.echoes = echoes
         self.offsets = [len(e) for e in echoes]
 
     def chunk(self, index: int, text: str, entries: dict | None, finish_reason: str | None) -> bytes:
-        body = {**self.meta, "object": "text_completion",
-                "choices": [{"index": index, "text": text, "logprobs": entries, "finish_reason": finish_reason}]}
-        if self.include_usage:
-            body["usage"] = None
-        return sse(body)
+        return self.choice_chunk({"index": index, "text": text, "logprobs": entries, "finish_reason": finish_reason})
 
     def start(self) -> list[bytes]:
         return [self.chunk(index, text, None, None) for index, text in enumerate(self.echoes) if text]
@@ -94,12 +92,3 @@ class CompletionStream:
         if event.finish_reason is not None:
             self.usages[event.index] = event.usage
         return [self.chunk(event.index, event.text, entries, event.finish_reason)]
-
-    def failed(self, error: RequestError) -> list[bytes]:
-        return [sse(error_body(error.message, error.status_code, error.param)), DONE]
-
-    def ended(self) -> list[bytes]:
-        if not self.include_usage:
-            return [DONE]
-        usage = usage_dict(total_usage(self.usages, self.n))
-        return [sse({**self.meta, "object": "text_completion", "choices": [], "usage": usage}), DONE]

@@ -7,10 +7,11 @@ import math
 from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from transerve.actors.messages import RequestError, RequestEvent, TextDelta, TokenLogprob, ToolCallDelta, Usage
-from transerve.http.errors import OpenAIError
+from transerve.http.errors import OpenAIError, error_body
+from transerve.http.sse import DONE, sse
 
 
 async def first_event(events: AsyncIterator[RequestEvent]) -> RequestEvent:
@@ -49,6 +50,32 @@ async def stream(shape: StreamShape, first: RequestEvent, events: AsyncIterator[
     for chunk in shape.ended():
         yield chunk
 
+
+
+class ChoiceChunks:
+    """What the chat and legacy completion streams share: one chunk object per choice's event, a usage
+    slot per choice, the error event, and the usage chunk (when asked) and [DONE] at the end."""
+
+    OBJECT: ClassVar[str]
+
+    def __init__(self, meta: dict, num_choices: int, n: int, include_usage: bool, logprobs: bool) -> None:
+        self.meta, self.n, self.include_usage, self.logprobs = meta, n, include_usage, logprobs
+        self.usages: list[Usage | None] = [None] * num_choices
+
+    def choice_chunk(self, choice: dict) -> bytes:
+        body = {**self.meta, "object": self.OBJECT, "choices": [choice]}
+        if self.include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    def failed(self, error: RequestError) -> list[bytes]:
+        return [sse(error_body(error.message, error.status_code, error.param)), DONE]
+
+    def ended(self) -> list[bytes]:
+        if not self.include_usage:
+            return [DONE]
+        usage = usage_dict(total_usage(self.usages, self.n))
+        return [sse({**self.meta, "object": self.OBJECT, "choices": [], "usage": usage}), DONE]
 
 @dataclass
 class ToolCall:
