@@ -120,6 +120,19 @@ def test_a_question_streams_a_markdown_answer_with_its_speed(page, server, reque
     assert origins == {server.base_url}, origins
 
 
+def test_a_json_schema_constrains_the_answer_and_a_bad_one_shows_the_servers_error(page):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Za-z ]{1,20}$"},
+                                               "rank": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["city", "rank"], "additionalProperties": False}
+    ask(page, "tiny/llama", "Name a city.", temperature=1, max_tokens=60, json_schema=json.dumps(schema))
+    wait_done(page)
+    answer = json.loads(last_answer(page).locator(".body").inner_text())
+    assert set(answer) == {"city", "rank"} and 1 <= answer["rank"] <= 9  # from a random-weight model
+    ask(page, "tiny/llama", "Again.", json_schema='{"type": "object", "properties": ')
+    wait_done(page)
+    expect(page.locator(".message.assistant").last).to_contain_text("response_format")
+
+
 def test_stop_mid_stream_ends_the_request_on_the_server(page, server):
     aborted = metric(server, "transerve_requests_finished_total", model="tiny/llama", reason="abort")
     ask(page, "tiny/llama", "Tell me a very long story.", max_tokens=900)

@@ -1,12 +1,13 @@
 // Conversations in the browser's local storage, and their shape as the chat API wants it.
 //
-// A conversation: {id, title, model, system, settings: {temperature, top_p, max_tokens, seed}, messages,
+// A conversation: {id, title, model, system, settings: {temperature, top_p, max_tokens, seed, json_schema}, messages,
 // updated}. A user message: {role, text, images: [data: URL], audio: file name}. An assistant message:
 // {role, text, reasoning, toolCalls, model, stats: {ttftMs, tokensPerS, tokens}, error, stopped}.
 
 const STORE = "transerve.conversations";
 const CURRENT = "transerve.current";
-export const SETTINGS = ["temperature", "top_p", "max_tokens", "seed"];
+const NUMBERS = ["temperature", "top_p", "max_tokens", "seed"];
+export const SETTINGS = [...NUMBERS, "json_schema"];
 
 export function loadConversations() {
   try {
@@ -62,9 +63,15 @@ export function chatRequest(conversation) {
     }
   }
   const body = { model: conversation.model, messages, stream: true, stream_options: { include_usage: true } };
-  for (const name of SETTINGS) {
+  for (const name of NUMBERS) {
     const value = conversation.settings[name];
     if (value !== "" && value !== undefined && !Number.isNaN(Number(value))) body[name] = Number(value);
+  }
+  const schema = (conversation.settings.json_schema || "").trim();
+  if (schema) {
+    let parsed = schema; // text that is not JSON goes as it is: the server's 400 then says what is wrong
+    try { parsed = JSON.parse(schema); } catch {}
+    body.response_format = { type: "json_schema", json_schema: { name: "playground", schema: parsed } };
   }
   return body;
 }
