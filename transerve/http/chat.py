@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 from quart import Blueprint, current_app, jsonify, request
 
@@ -13,14 +14,18 @@ from transerve.actors.messages import OutputOptions, TextDelta
 from transerve.http.images import load_message_images
 from transerve.http.output import Choice, ChoiceChunks, collect, first_event, logprob_entries, stream, total_usage, usage_dict
 from transerve.http.protocol.chat import ChatCompletionRequest
+from transerve.http.protocol.responses import ResponsesRequest
+from transerve.http.protocol.sampling import Sampling
 from transerve.http.sse import SSE_HEADERS
 
 bp = Blueprint("chat", __name__)
 
 
-@bp.post(ChatCompletionRequest.endpoint)
-async def chat_completions():
-    body = ChatCompletionRequest.parse(await request.get_data())
+async def conversation_requests(
+    body: ChatCompletionRequest | ResponsesRequest,
+) -> tuple[Any, Sampling, list[GenerateRequest]]:
+    """A conversation (chat messages, or Responses input read as them): its engine, its sampling, and one
+    GenerateRequest per choice, with the answer parsed for tool calls and thoughts."""
     messages = body.template_messages()
     tools = body.template_tools()
     engine = await current_app.config["MODELS"].get(body.model)
@@ -28,8 +33,14 @@ async def chat_completions():
     s = body.sampling(engine.generation_defaults, engine.vocab_size)
     output = OutputOptions(tools=tools is not None, parallel_tool_calls=body.parallel_tool_calls, reasoning=True)
     kwargs = body.template_kwargs()
-    requests = [GenerateRequest(s.choice(i), messages=tuple(messages), stop=s.stop, chat_template_kwargs=kwargs, tools=tools,
-                                output=output, images=images) for i in range(s.n)]
+    return engine, s, [GenerateRequest(s.choice(i), messages=tuple(messages), stop=s.stop, chat_template_kwargs=kwargs,
+                                       tools=tools, output=output, images=images) for i in range(s.n)]
+
+
+@bp.post(ChatCompletionRequest.endpoint)
+async def chat_completions():
+    body = ChatCompletionRequest.parse(await request.get_data())
+    engine, s, requests = await conversation_requests(body)
     events = engine.generate(requests)
     first = await first_event(events)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_id}

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import time
 
-from quart import Blueprint, current_app, jsonify, request
+from quart import Blueprint, jsonify, request
 
-from transerve.actors.client import GenerateRequest
-from transerve.actors.messages import OutputOptions
-from transerve.http.images import load_message_images
+from transerve.http.chat import conversation_requests
 from transerve.http.output import Choice, collect, first_event, logprob_entries, stream
 from transerve.http.protocol.responses import ResponsesRequest
 from transerve.http.response_items import finished, function_item, message_item, new_id, reasoning_item
@@ -22,15 +20,8 @@ bp = Blueprint("responses", __name__)
 @bp.post(ResponsesRequest.endpoint)
 async def create_response():
     body = ResponsesRequest.parse(await request.get_data())
-    messages = body.template_messages()
-    tools = body.template_tools()
-    engine = await current_app.config["MODELS"].get(body.model)
-    messages, images = await load_message_images(messages, engine)
-    s = body.sampling(engine.generation_defaults, engine.vocab_size)
-    output = OutputOptions(tools=tools is not None, parallel_tool_calls=body.parallel_tool_calls, reasoning=True)
-    generate = GenerateRequest(s.params, messages=tuple(messages), stop=s.stop, tools=tools, output=output,
-                               chat_template_kwargs=body.template_kwargs(), images=images)
-    events = engine.generate([generate])
+    engine, s, requests = await conversation_requests(body)  # one choice: Responses refuses n
+    events = engine.generate(requests)
     first = await first_event(events)
     base = response_base(body, engine.model_id, s.params.temperature, s.params.top_p)
     logprobs = s.params.num_logprobs is not None
