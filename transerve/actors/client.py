@@ -21,6 +21,7 @@ from transerve.actors.admission import Admission
 from transerve.actors.assembly import LoadedModel
 from transerve.actors.messages import Abort, OutputOptions, RequestError, RequestEvent, TokenizeRequest
 from transerve.actors.metrics import EngineMetrics
+from transerve.actors.tokenizer import build_prompt
 from transerve.engine.request import SamplingParams
 from transerve.engine.stats import SchedulerStats
 
@@ -48,6 +49,7 @@ class EngineClient:
         self.generation_defaults = loaded.generation_defaults
         self.tokenizer = loaded.tokenizer  # for the HTTP layer's own small needs (echo of token prompts)
         self.accepts_images = loaded.image_prompts is not None
+        self._image_prompts = loaded.image_prompts
         self.created = int(time.time())
         self.stats = SchedulerStats()  # replaced by the scheduler actor's first publication before any request
         self.in_flight = 0  # HTTP requests inside generate(); an engine with some is never unloaded
@@ -74,6 +76,12 @@ class EngineClient:
         self.closed.set()
         await self._tokenizer_inbox.aclose()
 
+    async def count_prompt_tokens(self, request: GenerateRequest) -> int:
+        """The prompt's length in tokens, built exactly as `generate` builds it (template, tools, images);
+        raises PromptError for a prompt the model cannot take."""
+        ids, _, _ = await build_prompt(self.tokenizer, _tokenize_request("count", request, None), self._image_prompts)
+        return len(ids)
+
     async def generate(self, requests: Sequence[GenerateRequest]) -> AsyncIterator[RequestEvent]:
         request_ids = [uuid.uuid4().hex for _ in requests]
         # One slot per possible token plus the final event, per choice: the detokenizer never waits on a client.
@@ -87,12 +95,7 @@ class EngineClient:
                 try:
                     with sink:  # each choice holds its own clone; the stream ends when all are closed
                         for index, (request_id, r) in enumerate(zip(request_ids, requests)):
-                            tokenize = TokenizeRequest(
-                                request_id, r.sampling_params, r.stop, sink.clone(), messages=r.messages, prompt=r.prompt,
-                                chat_template_kwargs=r.chat_template_kwargs, index=index,
-                                prompt_token_ids=r.prompt_token_ids, tools=r.tools, output=r.output, images=r.images,
-                            )
-                            await self._tokenizer_inbox.send(tokenize)
+                            await self._tokenizer_inbox.send(_tokenize_request(request_id, r, sink.clone(), index))
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                     trackers.fail()
                     yield RequestError("this model was just unloaded; send the request again", 503)
@@ -113,3 +116,9 @@ class EngineClient:
                         await self._tokenizer_inbox.send(Abort(request_id))
                     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                         break
+
+
+def _tokenize_request(request_id: str, r: GenerateRequest, sink: ObjectSendStream | None, index: int = 0) -> TokenizeRequest:
+    return TokenizeRequest(request_id, r.sampling_params, r.stop, sink, messages=r.messages, prompt=r.prompt,
+                           chat_template_kwargs=r.chat_template_kwargs, index=index, prompt_token_ids=r.prompt_token_ids,
+                           tools=r.tools, output=r.output, images=r.images)

@@ -37,6 +37,7 @@ class IncrementalDecoder:
     text: str = ""  # everything decoded so far
     num_sent: int = 0  # characters of `text` already sent
     stopped: bool = False
+    matched: str | None = None  # the stop string that ended the text
 
     def add(self, token_id: int) -> None:
         if self.stopped:
@@ -54,7 +55,7 @@ class IncrementalDecoder:
             index = self.text.find(stop, start)
             if index != -1:
                 self.text = self.text[:index]
-                self.stopped = True
+                self.stopped, self.matched = True, stop
                 start = 0  # a later stop string may still match earlier in the text
 
     def _decode(self, ids: list[int]) -> str:
@@ -181,7 +182,7 @@ async def _on_token(stream: Stream, token: NewToken, texts: TokenTexts) -> bool:
     if final:
         usage = Usage(stream.num_prompt_tokens, len(decoder.token_ids), stream.num_cached_tokens, stream.num_reasoning_tokens)
     event = TextDelta(text, tuple(stream.pending_ids), finish_reason, usage, stream.index, reasoning, tool_calls,
-                      tuple(stream.pending_logprobs))
+                      tuple(stream.pending_logprobs), decoder.matched if finish_reason == "stop" else None)
     stream.pending_ids.clear()
     stream.pending_logprobs.clear()
     await _send(stream, event, close=final)

@@ -146,6 +146,7 @@ class TextDelta:
     reasoning: str = ""  # thought text (between <think> and </think>)
     tool_calls: tuple[ToolCallDelta, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token of token_ids, when asked for
+    stop_sequence: str | None = None  # set on the last event when a stop string ended the answer: which one
 
 
 @dataclass(frozen=True)

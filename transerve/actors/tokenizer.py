@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from typing import Any
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -45,6 +46,17 @@ def tokenize(tokenizer, request: TokenizeRequest, render=None) -> tuple[list[int
     if request.prompt_token_ids is not None:
         return list(request.prompt_token_ids), ""
     return tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"], ""
+
+
+async def build_prompt(tokenizer, request: TokenizeRequest, image_prompts=None) -> tuple[list[int], str, Any]:
+    """(token ids, rendered text, the MultimodalPrompt or None): a prompt with images through the VLM's
+    processor in a worker thread, any other through `tokenize`. Raises PromptError for a bad prompt."""
+    if request.images:
+        if image_prompts is None:
+            raise PromptError("this model does not accept images", "messages")
+        return await anyio.to_thread.run_sync(image_prompts.build, request)
+    ids, text = tokenize(tokenizer, request, image_prompts and image_prompts.render)
+    return ids, text, None
 
 
 class ParserSpecs:
@@ -113,14 +125,8 @@ async def tokenizer_actor(
                 await to_scheduler.send(message)
                 continue
             request = message
-            multimodal = None
             try:
-                if request.images:
-                    if image_prompts is None:
-                        raise PromptError("this model does not accept images", "messages")
-                    ids, prompt_text, multimodal = await anyio.to_thread.run_sync(image_prompts.build, request)
-                else:
-                    ids, prompt_text = tokenize(tokenizer, request, image_prompts and image_prompts.render)
+                ids, prompt_text, multimodal = await build_prompt(tokenizer, request, image_prompts)
                 params = fit_max_tokens(request.sampling_params, len(ids), max_model_len, kv_capacity)
                 parser = specs.spec(request.output, prompt_text)
                 constraint = None

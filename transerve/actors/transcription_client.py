@@ -56,6 +56,10 @@ class TranscriptionClient:
         """TranscriptDeltas when streaming, then one TranscriptDone; or a TranscriptError, then nothing."""
         self.in_flight += 1
         try:
+            if options.task == "translate" and not self._t.multilingual:
+                yield TranscriptError(f"{self.model_id} is an English-only model: it cannot translate (use a multilingual "
+                                      "Whisper)", 400, "model")
+                return
             codes = {code for code, _ in self._t.language_ids}
             if language is not None and self._t.multilingual and language not in codes:
                 yield TranscriptError(f"language {language!r} is not one this model knows (ISO-639-1 codes such as "

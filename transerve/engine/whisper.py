@@ -30,6 +30,7 @@ class DecodeOptions:
     prompt: str | None = None  # earlier text, to carry spelling and style over
     temperature: float = 0.0  # 0: greedy
     timestamps: bool = False  # segment times inside each window (verbose_json, srt, vtt)
+    task: str = "transcribe"  # Whisper's task token: "transcribe", or "translate" (into English)
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def decode_windows(t: Transcriber, features: np.ndarray, languages: Sequence[str
             codes, ids = zip(*t.language_ids)
             detected = [codes[i] for i in first[:, list(ids)].argmax(-1).tolist()]
             languages = [given or found for given, found in zip(languages, detected)]
-            kwargs.update(language=list(languages), task="transcribe")
+            kwargs.update(language=list(languages), task=options.task)
         else:
             languages = ["en"] * batch  # English-only checkpoints (*.en) take no language
         if options.prompt:

@@ -1,7 +1,7 @@
 """Guards in front of every endpoint: the API key, CORS for browsers, and the request body size.
 
-- With an API key, every path but the open ones needs `Authorization: Bearer <key>`; a missing or
-  wrong key gets OpenAI's 401 body. CORS preflights (OPTIONS) pass, since browsers never send
+- With an API key, every path but the open ones needs `Authorization: Bearer <key>` (or Anthropic's
+  `x-api-key: <key>`); a missing or wrong key gets OpenAI's 401 body (Anthropic's on /v1/messages). CORS preflights (OPTIONS) pass, since browsers never send
   credentials on them; the request that follows is checked as usual.
 - CORS uses quart-cors (by Quart's author) with the operator's origins; without `--allowed-origins`
   no CORS header is ever sent, so browsers on other origins cannot read any answer.
@@ -48,13 +48,15 @@ def _api_key_check(api_key: str):
         if request.method == "OPTIONS" or request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES):
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = (token if scheme.lower() == "bearer" else "").strip() or request.headers.get("x-api-key", "").strip()
+        if not token:
             raise OpenAIError(
                 "You didn't provide an API key. You need to provide your API key in an Authorization header "
-                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).", 401, code="missing_api_key",
+                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or in an x-api-key header.", 401,
+                code="missing_api_key",
             )
         # Constant time, so response timing does not reveal how much of a guess was right.
-        if not hmac.compare_digest(token.strip().encode(), expected):
+        if not hmac.compare_digest(token.encode(), expected):
             raise OpenAIError("Incorrect API key provided.", 401, code="invalid_api_key")
 
     return check

@@ -23,9 +23,17 @@ _STR, _BOOL, _OBJ = {"type": "string"}, {"type": "boolean"}, {"type": "object"}
 _SUMMARY = {"/v1/chat/completions": "Chat completion (JSON, or server-sent events with stream=true)",
             "/v1/completions": "Text completion (JSON, or server-sent events with stream=true)",
             "/v1/responses": "A Response (JSON, or server-sent events with stream=true)",
-            "/v1/audio/transcriptions": "Transcribe audio (JSON, text, SRT, WebVTT, or server-sent events with stream=true)"}
+            "/v1/audio/transcriptions": "Transcribe audio (JSON, text, SRT, WebVTT, or server-sent events with stream=true)",
+            "/v1/audio/translations": "Translate speech into English text (JSON, text, SRT, WebVTT)",
+            "/v1/messages": "Anthropic Messages API: a Message (JSON, or Anthropic's server-sent events with stream=true)",
+            "/v1/messages/count_tokens": "Anthropic Messages API: the prompt's length in tokens"}
 _ANSWER = {"/v1/chat/completions": "chat.completion", "/v1/completions": "text_completion", "/v1/responses": "response"}
 _TRANSCRIPT = {"type": "object", "required": ["text"], "properties": {"text": _STR}}
+_ANTHROPIC = {  # Anthropic's answers are typed by `type`, not `object`
+    "/v1/messages": {"type": "object", "required": ["id", "type", "content"],
+                     "properties": {"id": _STR, "type": {"const": "message"}, "content": {"type": "array"}}},
+    "/v1/messages/count_tokens": {"type": "object", "required": ["input_tokens"],
+                                  "properties": {"input_tokens": {"type": "integer", "minimum": 0}}}}
 _REF = "#/components/schemas/{model}"
 
 
@@ -54,6 +62,8 @@ _ERRORS = {"400": _error("malformed or out-of-range field (`param` names it), or
 
 
 def _answers(endpoint: str) -> dict:
+    if endpoint in _ANTHROPIC:
+        return {"application/json": {"schema": _ANTHROPIC[endpoint]}, "text/event-stream": {"schema": _STR}}
     if endpoint not in _ANSWER:  # a transcript: JSON, or text as response_format asks
         return {"application/json": {"schema": _TRANSCRIPT}, "text/plain": {"schema": _STR}, "text/vtt": {"schema": _STR},
                 "text/event-stream": {"schema": _STR}}

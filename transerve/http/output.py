@@ -94,6 +94,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_sequence: str | None = None
     usage: Usage | None = None
 
     def add(self, event: TextDelta) -> None:
@@ -104,7 +105,7 @@ class Choice:
         self.logprobs.extend(event.logprobs)
         self.token_ids.extend(event.token_ids)
         if event.finish_reason is not None:
-            self.finish_reason, self.usage = event.finish_reason, event.usage
+            self.finish_reason, self.usage, self.stop_sequence = event.finish_reason, event.usage, event.stop_sequence
 
 
 def add_tool_delta(calls: list[ToolCall], delta: ToolCallDelta) -> None:

@@ -1,7 +1,8 @@
-"""POST /v1/audio/transcriptions (multipart/form-data), shaped like OpenAI's: json, text,
-verbose_json (segments), srt, vtt, and streamed `transcript.text.delta` / `transcript.text.done` events.
+"""POST /v1/audio/transcriptions and /v1/audio/translations (multipart/form-data), shaped like OpenAI's:
+json, text, verbose_json (segments), srt, vtt, and (transcriptions) streamed `transcript.text.delta` /
+`transcript.text.done` events. A translation is Whisper's translate task: the same decoding into English.
 
-The handler reads the audio part, validates the form as a `TranscriptionRequest`, hands the audio to
+The handler reads the audio part, validates the form (`protocol.transcriptions`), hands the audio to
 the model's TranscriptionClient and shapes the text events it yields; decoding the audio and the
 model's work happen behind the client."""
 
@@ -16,7 +17,7 @@ from transerve.engine import transcript
 from transerve.engine.transcript import TranscriptDelta, TranscriptDone, TranscriptError, TranscriptEvent
 from transerve.http.errors import OpenAIError, error_body
 from transerve.http.protocol.base import FORM
-from transerve.http.protocol.transcriptions import MAX_AUDIO_BYTES, TranscriptionRequest
+from transerve.http.protocol.transcriptions import MAX_AUDIO_BYTES, AudioRequest, TranscriptionRequest, TranslationRequest
 from transerve.http.sse import SSE_HEADERS, sse
 
 bp = Blueprint("transcriptions", __name__)
@@ -42,15 +43,24 @@ async def _audio_bytes() -> bytes:
 
 @bp.post(TranscriptionRequest.endpoint)
 async def transcriptions():
+    return await _audio_text(TranscriptionRequest)
+
+
+@bp.post(TranslationRequest.endpoint)
+async def translations():
+    return await _audio_text(TranslationRequest)
+
+
+async def _audio_text(kind: type[AudioRequest]):
     audio = await _audio_bytes()  # first: a missing or oversized file is the error to report
-    body = TranscriptionRequest.from_form(await request.form, audio)
+    body = kind.from_form(await request.form, audio)
     engine = await current_app.config["MODELS"].get(body.model, task="transcription")
-    events = engine.transcribe(body.file, body.language, body.decode_options(), stream=body.stream)
+    events = engine.transcribe(body.file, body.spoken_language(), body.decode_options(), stream=body.streamed())
     first = await anext(events)
     if isinstance(first, TranscriptError):  # bad audio or options: a 4xx status, not a stream
         await events.aclose()
         raise OpenAIError(first.message, first.status_code, first.param, first.code)
-    if body.stream:
+    if body.streamed():
         return _stream(first, events), 200, SSE_HEADERS
     async with aclosing(events):
         event = first
@@ -58,10 +68,10 @@ async def transcriptions():
             if isinstance(event, TranscriptError):
                 raise OpenAIError(event.message, event.status_code, event.param, event.code)
             event = await anext(events)  # deltas come only when streaming
-    return _respond(body.response_format, event, body.temperature)
+    return _respond(body.response_format, event, body.temperature, body.task)
 
 
-def _respond(response_format: str, done: TranscriptDone, temperature: float):
+def _respond(response_format: str, done: TranscriptDone, temperature: float, task: str):
     usage = {"type": "duration", "seconds": round(done.duration, 3)}
     if response_format == "json":
         return jsonify({"text": done.text, "usage": usage})
@@ -73,8 +83,8 @@ def _respond(response_format: str, done: TranscriptDone, temperature: float):
     if response_format == "vtt":
         return Response(transcript.render_vtt(cues), content_type="text/vtt; charset=utf-8")
     return jsonify({
-        "task": "transcribe",
-        "language": done.language,
+        "task": task,
+        "language": "english" if task == "translate" else done.language,
         "duration": round(done.duration, 3),
         "text": done.text,
         "segments": [{

@@ -46,39 +46,23 @@ class ServerVad(Part):
     threshold: float | None = spec(IGNORED, ge=0, le=1)
 
 
-class TranscriptionRequest(RequestBody):
-    endpoint: ClassVar[str] = "/v1/audio/transcriptions"
+class AudioRequest(RequestBody):
+    """What a transcription and a translation share: the audio, how to decode it, and the form it comes in."""
+
     media_type: ClassVar[str] = FORM
+    task: ClassVar[str]  # Whisper's task token
 
     file: bytes = spec(HONOURED, "WAV, FLAC, OGG/Vorbis, MP3 and whatever else libsndfile reads, up to 25 MiB; mixed "
                        "to mono and resampled to the model's rate", ...)
     model: str | None = spec(HONOURED, "a Whisper-family repo or repo@revision, loaded on first use; the pinned model "
                              "when the server has one")
-    language: str | None = spec(HONOURED, "ISO-639-1 (e.g. `en`); detected per 30 s window when absent")
     prompt: str | None = spec(HONOURED, "earlier text, to carry spelling and style over")
     response_format: Format = spec(PARTLY, "json, text, verbose_json (segments), srt, vtt; diarized_json needs speaker "
                                    "diarization: 400", "json")
     temperature: float = spec(HONOURED, "0 to 1; 0 is greedy", 0.0, ge=0, le=1)
-    stream: bool = spec(PARTLY, "`transcript.text.delta` events, then `transcript.text.done`; with json or text only "
-                        "(timed formats come whole)", False)
-    timestamp_granularities: Annotated[list[Literal["segment"]], BeforeValidator(_one_or_many)] | None = spec(
-        PARTLY, "`segment` only (no word timestamps); also as `timestamp_granularities[]`")
-    chunking_strategy: Annotated[Literal["auto"] | ServerVad, BeforeValidator(_json_object)] | None = spec(
-        IGNORED, "the audio is cut into Whisper's 30 s windows whatever is asked (no voice activity detection)")
-    include: Any = rejected("no token logprobs for transcriptions")
-    keywords: Any = rejected("no keyword biasing: put the words in `prompt`")
-    languages: Any = rejected("give one language in `language`, or none to have it detected")
-    known_speaker_names: Any = rejected("no speaker diarization")
-    known_speaker_references: Any = rejected("no speaker diarization")
-
-    @model_validator(mode="after")
-    def _combinations(self) -> TranscriptionRequest:
-        if self.stream and self.response_format in TIMED_FORMATS:
-            raise invalid("stream", "needs response_format json or text (timed formats come whole)")
-        return self
 
     @classmethod
-    def from_form(cls, form, audio: bytes) -> TranscriptionRequest:
+    def from_form(cls, form, audio: bytes) -> AudioRequest:
         """The form's fields (a MultiDict) and the audio, validated; any problem is a 400 naming the field."""
         data: dict[str, Any] = {}
         for key, value in form.items(multi=True):
@@ -101,4 +85,48 @@ class TranscriptionRequest(RequestBody):
             raise openai_error(exc, cls.endpoint) from None
 
     def decode_options(self) -> DecodeOptions:
-        return DecodeOptions(self.prompt, self.temperature, timestamps=self.response_format in TIMED_FORMATS)
+        return DecodeOptions(self.prompt, self.temperature, timestamps=self.response_format in TIMED_FORMATS, task=self.task)
+
+    def spoken_language(self) -> str | None:
+        """The audio's language when the request names it; None: detected per window."""
+        return None
+
+    def streamed(self) -> bool:
+        return False
+
+
+class TranscriptionRequest(AudioRequest):
+    endpoint: ClassVar[str] = "/v1/audio/transcriptions"
+    task: ClassVar[str] = "transcribe"
+
+    language: str | None = spec(HONOURED, "ISO-639-1 (e.g. `en`); detected per 30 s window when absent")
+    stream: bool = spec(PARTLY, "`transcript.text.delta` events, then `transcript.text.done`; with json or text only "
+                        "(timed formats come whole)", False)
+    timestamp_granularities: Annotated[list[Literal["segment"]], BeforeValidator(_one_or_many)] | None = spec(
+        PARTLY, "`segment` only (no word timestamps); also as `timestamp_granularities[]`")
+    chunking_strategy: Annotated[Literal["auto"] | ServerVad, BeforeValidator(_json_object)] | None = spec(
+        IGNORED, "the audio is cut into Whisper's 30 s windows whatever is asked (no voice activity detection)")
+    include: Any = rejected("no token logprobs for transcriptions")
+    keywords: Any = rejected("no keyword biasing: put the words in `prompt`")
+    languages: Any = rejected("give one language in `language`, or none to have it detected")
+    known_speaker_names: Any = rejected("no speaker diarization")
+    known_speaker_references: Any = rejected("no speaker diarization")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> TranscriptionRequest:
+        if self.stream and self.response_format in TIMED_FORMATS:
+            raise invalid("stream", "needs response_format json or text (timed formats come whole)")
+        return self
+
+    def spoken_language(self) -> str | None:
+        return self.language
+
+    def streamed(self) -> bool:
+        return self.stream
+
+
+class TranslationRequest(AudioRequest):
+    """OpenAI's translations take no `language` (it is detected) and do not stream."""
+
+    endpoint: ClassVar[str] = "/v1/audio/translations"
+    task: ClassVar[str] = "translate"
