@@ -142,7 +142,7 @@ def _answer_types() -> dict[str, tuple[TypeAdapter, TypeAdapter]]:
     from typing import Annotated, Literal
 
     from openai.types import Completion, CompletionChoice
-    from openai.types.audio import Transcription, TranscriptionStreamEvent, TranscriptionVerbose
+    from openai.types.audio import Transcription, TranscriptionStreamEvent, TranscriptionVerbose, Translation, TranslationVerbose
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
     from openai.types.responses import Response, ResponseStreamEvent
 
@@ -158,10 +158,13 @@ def _answer_types() -> dict[str, tuple[TypeAdapter, TypeAdapter]]:
     # (every openai type takes extra keys, so a plain Transcription would pass any verbose body).
     transcript = Annotated[Annotated[TranscriptionVerbose, Tag("verbose_json")] | Annotated[Transcription, Tag("json")],
                            Discriminator(lambda body: "verbose_json" if "duration" in body else "json")]
+    translation = Annotated[Annotated[TranslationVerbose, Tag("verbose_json")] | Annotated[Translation, Tag("json")],
+                            Discriminator(lambda body: "verbose_json" if "duration" in body else "json")]
     return {"/v1/chat/completions": (TypeAdapter(ChatCompletion), TypeAdapter(ChatCompletionChunk)),
             "/v1/completions": (TypeAdapter(Completion), TypeAdapter(CompletionChunk)),
             "/v1/responses": (TypeAdapter(Response), TypeAdapter(ResponseStreamEvent)),
-            "/v1/audio/transcriptions": (TypeAdapter(transcript), TypeAdapter(TranscriptionStreamEvent))}
+            "/v1/audio/transcriptions": (TypeAdapter(transcript), TypeAdapter(TranscriptionStreamEvent)),
+            "/v1/audio/translations": (TypeAdapter(translation), None)}
 
 
 def check_body(path: str, status: int, content_type: str, text: str) -> None:

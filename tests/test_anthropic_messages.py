@@ -210,3 +210,24 @@ def test_api_key_in_x_api_key_or_bearer(tiny_repos):
         assert openai_shape.status_code == 401 and openai_shape.json()["error"]["code"] == "invalid_api_key"
     finally:
         assert srv.stop() == 0, srv.output()
+
+
+def test_a_failure_mid_stream_ends_with_an_error_event():
+    import anyio
+
+    from transerve.actors.messages import RequestError, TextDelta
+    from transerve.http.messages_stream import MessageStream
+    from transerve.http.output import stream
+
+    async def events():
+        yield RequestError("model step failed: boom", 500)
+
+    async def run():
+        shape = MessageStream({"id": "msg_1", "type": "message", "role": "assistant", "model": "m"})
+        return [chunk async for chunk in stream(shape, TextDelta("Hel", (5,)), events())]
+
+    blocks = [chunk.decode() for chunk in anyio.run(run)]
+    kinds = [block.split("\n", 1)[0].removeprefix("event: ") for block in blocks]
+    assert kinds == ["message_start", "content_block_start", "content_block_delta", "error"]
+    error = ErrorResponse.model_validate(json.loads(blocks[-1].split("data: ", 1)[1]))
+    assert (error.error.type, error.error.message) == ("api_error", "model step failed: boom")
