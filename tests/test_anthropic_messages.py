@@ -10,6 +10,7 @@ import json
 import anthropic
 import httpx
 import httpx2  # the anthropic SDK's own HTTP client (httpx's successor)
+import jsonschema
 import pytest
 from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
 from anthropic.types.shared import ErrorResponse
@@ -114,6 +115,25 @@ def test_tool_use_thinking_and_text_blocks_streamed_and_not(claude):
     assert [b.name for b in one.content if b.type == "tool_use"] == ["get_weather"]
     none = claude.messages.create(**kwargs, tool_choice={"type": "none"})
     assert none.stop_reason == "end_turn" and none.content[-1].text.startswith("Let me check.<tool_call>")
+
+
+@pytest.mark.parametrize("model", ["tiny/llama", "rig/llama3"])
+def test_tool_choice_tool_and_output_format_are_constrained(claude, model):
+    zone = {"type": "object", "properties": {"zone": {"type": "string", "pattern": "^[A-Z]{3}$"}}, "required": ["zone"],
+            "additionalProperties": False}
+    kwargs = dict(model=model, max_tokens=400, messages=ASK, tool_choice={"type": "tool", "name": "get_time"},
+                  tools=[TOOLS[0], {**TOOLS[1], "input_schema": zone}], extra_body={"temperature": 1.0})
+    message = claude.messages.create(**kwargs)
+    with claude.messages.stream(**kwargs) as stream:
+        final = stream.get_final_message()
+    for answer in (message, final):
+        calls = [b for b in answer.content if b.type == "tool_use"]
+        assert answer.stop_reason == "tool_use" and [c.name for c in calls] == ["get_time"]
+        jsonschema.validate(calls[0].input, zone)
+    formatted = claude.messages.create(model=model, max_tokens=400, messages=ASK, output_config={"format": {
+        "type": "json_schema", "schema": zone}})
+    assert formatted.stop_reason == "end_turn"
+    jsonschema.validate(json.loads(formatted.content[0].text), zone)
 
 
 def test_tool_results_go_back_through_the_chat_template(claude):
