@@ -165,6 +165,19 @@ def test_prompts_sharing_a_long_prefix_go_to_one_replica_and_hit_its_cache(clust
     assert after[replica]["cached"] - before[replica]["cached"] >= 3 * len(system) // 8
 
 
+def test_a_client_that_leaves_aborts_its_request_on_the_replica(cluster, client):
+    stream = chat(client, "Tell a long story.", stream=True, max_tokens=900, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    for _ in range(3):
+        next(chunks)
+    stream.close()
+    left_at = time.monotonic()
+    # 900 tokens take this box far longer than the abort: in flight nowhere means the replica dropped it.
+    while any(m.get("in_flight") for m in replica_metrics(cluster.base_url).values()):
+        assert time.monotonic() - left_at < 10, replica_metrics(cluster.base_url)
+        time.sleep(0.3)
+
+
 def test_a_killed_replica_fails_its_stream_cleanly_and_comes_back(cluster, client):
     stream = chat(client, "Tell a long story.", stream=True, max_tokens=900, extra_body={"ignore_eos": True})
     chunks = iter(stream)
