@@ -70,6 +70,8 @@ class ReplicaCollector(Collector):
                                      labels=label)
         cached = CounterMetricFamily("transerve_replica_prefix_cache_hit_tokens", "Prompt tokens served from the "
                                      "replica's prefix cache", labels=label)
+        generated = CounterMetricFamily("transerve_replica_generation_tokens", "Tokens generated, per replica",
+                                        labels=label)
         for r in self.board.replicas:
             info.add_metric([r.replica, str(r.pid), r.node], 1)
             in_flight.add_metric([r.replica], r.num_in_flight)
@@ -78,4 +80,5 @@ class ReplicaCollector(Collector):
             requests.add_metric([r.replica], r.requests)
             prompt.add_metric([r.replica], r.prompt_tokens)
             cached.add_metric([r.replica], r.cached_prompt_tokens)
-        yield from (up, info, in_flight, running, kv_used, requests, prompt, cached)
+            generated.add_metric([r.replica], r.generation_tokens)
+        yield from (up, info, in_flight, running, kv_used, requests, prompt, cached, generated)

@@ -45,6 +45,7 @@ class ReplicaStats:
     requests: int  # engine requests ended, however they ended
     prompt_tokens: int
     cached_prompt_tokens: int  # prompt tokens served from the prefix cache
+    generation_tokens: int
 
 
 class EngineReplica:
@@ -89,6 +90,7 @@ class EngineReplica:
             serve.get_replica_context().replica_id.unique_id, os.getpid(), _node(), self.started,
             engine.stats if engine is not None else SchedulerStats(), engine.num_in_flight if engine is not None else 0,
             total("transerve_requests_finished"), total("transerve_prompt_tokens"), total("transerve_prompt_tokens_cached"),
+            total("transerve_generation_tokens"),
         )
 
     async def check_health(self) -> None:
