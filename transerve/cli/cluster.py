@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 
@@ -67,7 +68,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         log.info("stopping the replicas")
     finally:
         # Joined to a cluster: remove only this application; a Ray instance of our own goes whole.
-        if args.address:
+        if args.address or os.environ.get("RAY_ADDRESS"):
             serve.delete(APP_NAME)
         else:
             serve.shutdown()

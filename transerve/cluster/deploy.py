@@ -38,8 +38,9 @@ def build_app(config: ClusterConfig):
     replica = serve.deployment(EngineReplica).options(
         name="EngineReplica",
         num_replicas=config.replicas,
-        # The engine's own admission (batch plus queue) is the limit, not Serve's default of 5.
-        max_ongoing_requests=scheduler.max_num_seqs + scheduler.max_queued_requests,
+        # The engine's own admission (batch plus queue, then 429) is the limit, not Serve's default of 5;
+        # Serve's is set above it, or Serve would queue the excess at the ingress without bound.
+        max_ongoing_requests=2 * (scheduler.max_num_seqs + scheduler.max_queued_requests),
         ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
         request_router_config=RequestRouterConfig(request_router_class=ROUTERS[config.router],
                                                   request_router_kwargs=router_kwargs),
