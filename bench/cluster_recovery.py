@@ -20,7 +20,8 @@ import httpx
 
 def replicas(base_url: str) -> dict[str, int]:
     text = httpx.get(base_url + "/metrics").text
-    return {r: int(pid) for pid, r in re.findall(r'transerve_replica_info\{node="[^"]*",pid="(\d+)",replica="([^"]+)"\}', text)}
+    pattern = r'transerve_replica_info\{node="[^"]*",pid="(\d+)",replica="([^"]+)"\}'
+    return {replica: int(pid) for pid, replica in re.findall(pattern, text)}
 
 
 def main() -> None:
@@ -43,8 +44,8 @@ def main() -> None:
             if len(now) == expected and victim not in now:
                 break
             time.sleep(0.5)
-        print(f"replica {victim} (pid {pid}) killed; {expected} replicas again after {time.monotonic() - killed:.1f} s; "
-              f"{answered} requests answered meanwhile")
+        print(f"replica {victim} (pid {pid}) killed; {expected} replicas again after "
+              f"{time.monotonic() - killed:.1f} s; {answered} requests answered meanwhile")
 
 
 if __name__ == "__main__":

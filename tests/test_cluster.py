@@ -172,8 +172,8 @@ def test_prompts_sharing_a_long_prefix_go_to_one_replica_and_hit_its_cache(clust
     system = "You are a careful assistant. " + " ".join(f"Rule {i}: answer rule {i} briefly." for i in range(60))
     before = replica_metrics(cluster.base_url)
     for i in range(4):
-        chat(client, "", messages=[{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}],
-             max_tokens=2)
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}]
+        chat(client, "", messages=messages, max_tokens=2)
     added = requests_added(cluster.base_url, before, 4)
     assert sorted(added.values()) == [0, 4], added
     (replica,) = [r for r, n in added.items() if n == 4]

@@ -5,11 +5,11 @@ mailboxes today: GenerateRequests in, RequestEvents out, all frozen dataclasses.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import serve
 
 from transerve.actors.client import EngineClient, GenerateRequest
@@ -39,7 +39,6 @@ class ReplicaStats:
     replica: str  # Serve's replica id; a restarted replica gets a new one
     pid: int
     node: str
-    started: float  # time.time() when its engine was ready
     scheduler: SchedulerStats
     num_in_flight: int
     requests: int  # engine requests ended, however they ended
@@ -53,7 +52,6 @@ class EngineReplica:
         self.spec, self.config, self.mailbox_size = spec, config, mailbox_size
         self.lifetime: Lifetime[Models] = Lifetime()
         self.models = await self.lifetime.start(self._start_engine, self._stop_engine)
-        self.started = time.time()
 
     async def _start_engine(self, task_group) -> Models:
         models = Models(self.config, task_group, self.mailbox_size, forced=self.spec, allow_download=True)
@@ -70,7 +68,8 @@ class EngineReplica:
 
     async def describe(self) -> EngineInfo:
         e = await self._engine()
-        return EngineInfo(e.model_id, e.max_model_len, e.vocab_size, e.generation_defaults, e.accepts_images, e.tokenizer)
+        return EngineInfo(e.model_id, e.max_model_len, e.vocab_size, e.generation_defaults, e.accepts_images,
+                          e.tokenizer)
 
     async def generate(self, requests: list[GenerateRequest]) -> AsyncIterator[RequestEvent]:
         # Serve cancels this generator when the ingress stops reading (its client left); leaving
@@ -80,17 +79,16 @@ class EngineReplica:
 
     async def stats(self) -> ReplicaStats:
         engine = self.models.engines.get(self.spec)
-        registry = self.models.metrics.registry
-
-        def total(name: str) -> int:
-            return int(sum(s.value for m in registry.collect() if m.name == name for s in m.samples
-                           if s.name == name + "_total" and s.labels.get("model") == self.spec))
-
+        totals: dict[str, float] = {}
+        for family in self.models.metrics.registry.collect():  # counters: sum over their other labels
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("model") == self.spec:
+                    totals[family.name] = totals.get(family.name, 0) + sample.value
         return ReplicaStats(
-            serve.get_replica_context().replica_id.unique_id, os.getpid(), _node(), self.started,
+            serve.get_replica_context().replica_id.unique_id, os.getpid(), ray.util.get_node_ip_address(),
             engine.stats if engine is not None else SchedulerStats(), engine.num_in_flight if engine is not None else 0,
-            total("transerve_requests_finished"), total("transerve_prompt_tokens"), total("transerve_prompt_tokens_cached"),
-            total("transerve_generation_tokens"),
+            *(int(totals.get(f"transerve_{name}", 0)) for name in
+              ("requests_finished", "prompt_tokens", "prompt_tokens_cached", "generation_tokens")),
         )
 
     async def check_health(self) -> None:
@@ -100,9 +98,3 @@ class EngineReplica:
 
     async def __del__(self) -> None:
         await self.lifetime.stop()
-
-
-def _node() -> str:
-    import ray
-
-    return ray.util.get_node_ip_address()
