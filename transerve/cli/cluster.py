@@ -55,7 +55,10 @@ def run_cluster(args: argparse.Namespace) -> int:
     except ImportError as exc:
         log.error("transerve cluster needs Ray Serve (%s): pip install 'transerve[cluster]'", exc)
         return 2
-    ray.init(address=args.address, **({} if args.address else {"include_dashboard": False}))
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        _start_local_ray(ray)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
         signal.signal(signum, lambda *_: stop.set())
@@ -74,3 +77,25 @@ def run_cluster(args: argparse.Namespace) -> int:
             serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _start_local_ray(ray, attempts: int = 3) -> None:
+    """ray.init() for a Ray instance of our own. Ray gives its node a fixed 30 s to register, which a
+    heavily loaded box can miss; then the half-started processes (our only children) go and it starts again."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(include_dashboard=False)
+            return
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            log.warning("Ray's node did not start within Ray's 30 s (a loaded box?); trying again (%d/%d)",
+                        attempt + 1, attempts)
+            ray.shutdown()
+            import psutil
+
+            children = psutil.Process().children(recursive=True)
+            for child in children:
+                child.terminate()
+            for child in psutil.wait_procs(children, timeout=10)[1]:
+                child.kill()
