@@ -38,7 +38,7 @@ class PrefixAwareRouter(RequestRouter):
         if any(load is None for load in loads.values()):
             for replica, load in await self._probe_queue_lens(candidate_replicas, 0):
                 loads[replica.replica_id] = load
-        loads = {i: (n if n is not None else 1 << 30) for i, n in loads.items()}  # unreachable: last resort
+        loads = {i: (n if n is not None else 1 << 30) for i, n in loads.items()}  # no answer to the probe: last
         keyable = len(text) - len(text) % self.index.chunk_chars
         footprints = {i: (self.index.size(i), self.num_routed[i]) for i in ids}
         chosen = choose_replica(self.index.matched_chars(text, ids), loads, footprints, keyable, self.min_match_chars,
