@@ -24,6 +24,9 @@ class EngineMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r, model = self.registry, ["model"]
         self.prompt_tokens = Counter("transerve_prompt_tokens", "Prompt tokens of requests that finished", model, registry=r)
+        self.prompt_tokens_cached = Counter("transerve_prompt_tokens_cached", "Prompt tokens of finished requests whose "
+                                            "KV cache came from the prefix cache (hit rate: divide by prompt tokens)",
+                                            model, registry=r)
         self.generation_tokens = Counter("transerve_generation_tokens", "Tokens generated (aborted requests included)",
                                          model, registry=r)
         self.requests_finished = Counter(
@@ -80,6 +83,7 @@ class RequestTracker:
         self.last_token_at: float | None = None
         self.num_tokens = 0
         self.num_prompt_tokens: int | None = None
+        self.num_cached_tokens = 0
         self.reason = "abort"  # unless an event says otherwise, the client left before the end
 
     def on_event(self, event: RequestEvent) -> None:
@@ -95,6 +99,7 @@ class RequestTracker:
             if event.usage is not None:
                 self.num_tokens = event.usage.completion_tokens
                 self.num_prompt_tokens = event.usage.prompt_tokens
+                self.num_cached_tokens = event.usage.cached_tokens
             if event.finish_reason is not None:
                 self.reason = event.finish_reason
 
@@ -104,6 +109,7 @@ class RequestTracker:
         m.generation_tokens.labels(model).inc(self.num_tokens)
         if self.num_prompt_tokens is not None:
             m.prompt_tokens.labels(model).inc(self.num_prompt_tokens)
+            m.prompt_tokens_cached.labels(model).inc(self.num_cached_tokens)
         if self.first_token_at is None:
             return  # rejected or failed before any token: no latency to speak of
         m.ttft.labels(model).observe(self.first_token_at - self.start)

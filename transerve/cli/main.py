@@ -1,4 +1,4 @@
-"""The `transerve` command: serve, download, chat."""
+"""The `transerve` command: serve, cluster, download, chat."""
 
 from __future__ import annotations
 
@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-playground", action="store_true", help="do not serve the web playground at /")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
 
+    from transerve.cli.cluster import add_cluster_parser
+
+    add_cluster_parser(sub, serve)
+
     download = sub.add_parser("download", help="download a model into the Hugging Face cache")
     download.add_argument("repo_id", help="owner/name[@revision], or owner/name:file.gguf")
 
@@ -82,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         from transerve.cli.serve import run_serve
 
         return run_serve(args)
+    if args.command == "cluster":
+        from transerve.cli.cluster import run_cluster
+
+        return run_cluster(args)
     if args.command == "download":
         from transerve.cli.download import run_download
 

@@ -1,0 +1,1 @@
+"""`transerve cluster`: engine replicas on Ray Serve behind one OpenAI endpoint (needs the `cluster` extra)."""
