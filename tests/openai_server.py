@@ -141,7 +141,7 @@ def post(server, path: str, body: dict) -> httpx.Response:
 def _answer_types() -> dict[str, tuple[TypeAdapter, TypeAdapter]]:
     from typing import Annotated, Literal
 
-    from openai.types import Completion, CompletionChoice
+    from openai.types import Completion, CompletionChoice, CreateEmbeddingResponse
     from openai.types.audio import Transcription, TranscriptionStreamEvent, TranscriptionVerbose
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
     from openai.types.responses import Response, ResponseStreamEvent
@@ -161,7 +161,8 @@ def _answer_types() -> dict[str, tuple[TypeAdapter, TypeAdapter]]:
     return {"/v1/chat/completions": (TypeAdapter(ChatCompletion), TypeAdapter(ChatCompletionChunk)),
             "/v1/completions": (TypeAdapter(Completion), TypeAdapter(CompletionChunk)),
             "/v1/responses": (TypeAdapter(Response), TypeAdapter(ResponseStreamEvent)),
-            "/v1/audio/transcriptions": (TypeAdapter(transcript), TypeAdapter(TranscriptionStreamEvent))}
+            "/v1/audio/transcriptions": (TypeAdapter(transcript), TypeAdapter(TranscriptionStreamEvent)),
+            "/v1/embeddings": (TypeAdapter(CreateEmbeddingResponse), None)}
 
 
 def check_body(path: str, status: int, content_type: str, text: str) -> None:

@@ -23,7 +23,8 @@ _STR, _BOOL, _OBJ = {"type": "string"}, {"type": "boolean"}, {"type": "object"}
 _SUMMARY = {"/v1/chat/completions": "Chat completion (JSON, or server-sent events with stream=true)",
             "/v1/completions": "Text completion (JSON, or server-sent events with stream=true)",
             "/v1/responses": "A Response (JSON, or server-sent events with stream=true)",
-            "/v1/audio/transcriptions": "Transcribe audio (JSON, text, SRT, WebVTT, or server-sent events with stream=true)"}
+            "/v1/audio/transcriptions": "Transcribe audio (JSON, text, SRT, WebVTT, or server-sent events with stream=true)",
+            "/v1/embeddings": "Embed text or token ids (vectors as floats or base64 float32)"}
 _ANSWER = {"/v1/chat/completions": "chat.completion", "/v1/completions": "text_completion", "/v1/responses": "response"}
 _TRANSCRIPT = {"type": "object", "required": ["text"], "properties": {"text": _STR}}
 _REF = "#/components/schemas/{model}"
@@ -53,7 +54,16 @@ _ERRORS = {"400": _error("malformed or out-of-range field (`param` names it), or
            "503": _error("the server is shutting down or the model is being unloaded")}
 
 
+_EMBEDDINGS = {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+    "object": {"const": "list"}, "model": _STR, "usage": _OBJ,
+    "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"], "properties": {
+        "object": {"const": "embedding"}, "index": _int(0),
+        "embedding": {"anyOf": [{"type": "array", "items": {"type": "number"}}, _STR]}}}}}}
+
+
 def _answers(endpoint: str) -> dict:
+    if endpoint == "/v1/embeddings":
+        return {"application/json": {"schema": _EMBEDDINGS}}
     if endpoint not in _ANSWER:  # a transcript: JSON, or text as response_format asks
         return {"application/json": {"schema": _TRANSCRIPT}, "text/plain": {"schema": _STR}, "text/vtt": {"schema": _STR},
                 "text/event-stream": {"schema": _STR}}

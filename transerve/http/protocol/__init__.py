@@ -4,7 +4,9 @@ converts itself into what the engine takes (SamplingParams, or a transcription's
 
 from transerve.http.protocol.chat import ChatCompletionRequest
 from transerve.http.protocol.completions import CompletionRequest
+from transerve.http.protocol.embeddings import EmbeddingRequest
 from transerve.http.protocol.responses import ResponsesRequest
 from transerve.http.protocol.transcriptions import TranscriptionRequest
 
-REQUESTS = {cls.endpoint: cls for cls in (ChatCompletionRequest, CompletionRequest, ResponsesRequest, TranscriptionRequest)}
+REQUESTS = {cls.endpoint: cls for cls in (ChatCompletionRequest, CompletionRequest, ResponsesRequest, TranscriptionRequest,
+                                          EmbeddingRequest)}
