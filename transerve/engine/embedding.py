@@ -2,9 +2,9 @@
 
 A sentence-transformers repository says how to pool in its own files (`modules.json`, the Pooling
 module's `config.json`, a `Normalize` module); without them, a decoder (a model type that has a causal
-LM) pools its last token and an encoder its first ([CLS]), both normalised, as vLLM does. The model
-runs without a KV cache: each forward pass is a padded batch of whole inputs, sorted by length so that
-little is padding. Everything here is synchronous; the embedder actor calls `embed` in a worker thread.
+LM and no masked LM) pools its last token and an encoder its first ([CLS]), both normalised, as vLLM
+does. The model runs without a KV cache: each forward pass is a padded batch of whole inputs, sorted
+by length so that little is padding. Everything here is synchronous; the embedder actor calls `embed` in a worker thread.
 """
 
 from __future__ import annotations
@@ -113,9 +113,10 @@ def pooling_spec(path: str) -> PoolingSpec | None:
     architectures = config.get("architectures") or []
     if not architectures or not all(a.endswith("Model") and "For" not in a and "LMHead" not in a for a in architectures):
         return None
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    decoder = config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    kind = config.get("model_type")  # BERT-likes have a causal LM head too; masked LM heads are encoders' alone
+    decoder = kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
     return PoolingSpec(Pooling.LAST_TOKEN if decoder else Pooling.CLS, True, None, _matryoshka(config))
 
 
