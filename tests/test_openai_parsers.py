@@ -140,7 +140,7 @@ def test_responses_stream_ends_with_response_failed_when_the_engine_fails():
 
 
 def test_every_sdk_field_has_a_status_and_the_readme_lists_them_all():
-    from openai.types import completion_create_params
+    from openai.types import completion_create_params, embedding_create_params
     from openai.types.audio import transcription_create_params
     from openai.types.chat import completion_create_params as chat_params
     from openai.types.responses import response_create_params
@@ -148,7 +148,8 @@ def test_every_sdk_field_has_a_status_and_the_readme_lists_them_all():
     sdk = {"/v1/chat/completions": chat_params.CompletionCreateParamsBase,
            "/v1/completions": completion_create_params.CompletionCreateParamsBase,
            "/v1/responses": response_create_params.ResponseCreateParamsBase,
-           "/v1/audio/transcriptions": transcription_create_params.TranscriptionCreateParamsStreaming}
+           "/v1/audio/transcriptions": transcription_create_params.TranscriptionCreateParamsStreaming,
+           "/v1/embeddings": embedding_create_params.EmbeddingCreateParams}
     for endpoint, params in sdk.items():
         missing = set(params.__annotations__) - set(REQUESTS[endpoint].fields())
         assert not missing, (endpoint, missing)
