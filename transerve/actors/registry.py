@@ -46,9 +46,9 @@ class Models:
         for engine in list(self.engines.values()):
             await engine.aclose()
 
-    async def get(self, name: str | None, task: str = "text") -> Engine:
-        """The engine serving `name` for `task` ("text", "transcription" or "embedding"); raises
-        models.ModelNotFoundError, or models.ModelTaskError when the model does the other task."""
+    async def get(self, name: str | None, task: str | None = "text") -> Engine:
+        """The engine serving `name` for `task` ("text", "transcription", "embedding", or None: whatever the
+        model does); raises models.ModelNotFoundError, or models.ModelTaskError when the model does another task."""
         spec = self.forced or name
         if not spec:
             raise models.ModelNotFoundError("no model given; pass `model` in the request")
@@ -68,7 +68,7 @@ class Models:
                 if not lock.locked() and lock.statistics().tasks_waiting == 0 and self._locks.get(spec) is lock:
                     del self._locks[spec]
         engine.touch()  # before any await: an engine handed out is never idle long enough to unload
-        if task != "embedding" and isinstance(engine, EmbeddingClient):
+        if task in ("text", "transcription") and isinstance(engine, EmbeddingClient):
             raise models.ModelTaskError(f"{spec} is an embedding model: send its inputs to /v1/embeddings")
         if task == "embedding" and not isinstance(engine, EmbeddingClient):
             raise models.ModelTaskError(f"{spec} is not an embedding model (a sentence-transformers model, or one "
