@@ -35,6 +35,11 @@ def test_sentence_transformers_layouts_old_and_new_say_how_to_pool(tmp_path):
     new = write(tmp_path / "new", {"config.json": {"architectures": ["Qwen3ForCausalLM"], "is_matryoshka": True},
                                    "modules.json": MODULES[:2], "1_Pooling/config.json": {"pooling_mode": "lasttoken"}})
     assert pooling_spec(new) == PoolingSpec(Pooling.LAST_TOKEN, False, None, ())
+    nested = write(tmp_path / "nested", {"config.json": {}, "modules.json": [{**MODULES[0], "path": "0_Transformer"},
+                                                                             *MODULES[1:]],
+                                         "0_Transformer/sentence_bert_config.json": {"max_seq_length": 128},
+                                         "1_Pooling/config.json": {"pooling_mode_mean_tokens": True}})
+    assert pooling_spec(nested) == PoolingSpec(Pooling.MEAN, True, 128, None, "0_Transformer")
     two = write(tmp_path / "two", {"config.json": {}, "modules.json": MODULES,
                                    "1_Pooling/config.json": {"pooling_mode": ["mean", "max"]}})
     with pytest.raises(ModelTaskError, match="mean\\+max is not supported"):
@@ -73,10 +78,7 @@ def test_forward_passes_sort_by_length_and_fit_the_token_budget():
 
 @pytest.fixture(scope="module")
 def decoder(tiny_repos):
-    from transformers import AutoConfig
-
     path = tiny_repos["tiny/qwen2"]
-    config = AutoConfig.from_pretrained(path)
     return load_embedder("tiny/qwen2", str(path), PoolingSpec(Pooling.LAST_TOKEN, True, 16, (8,)), EngineConfig(),
                          torch.device("cpu"), torch.float32)
 

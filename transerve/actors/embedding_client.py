@@ -16,7 +16,7 @@ import numpy as np
 from anyio.abc import ObjectSendStream
 
 from transerve.actors.embedder import EmbedEvent, Embedded, EmbedFailed, EmbedJob
-from transerve.engine.embedding import Embedder, shorten, tokenize
+from transerve.engine.embedding import Embedder, check_dimensions, shorten, tokenize
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class EmbeddingClient:
         """Raises EmbeddingInputError (a 400) or EmbeddingUnavailable."""
         self.in_flight += 1
         try:
-            shorten(np.zeros((0, self.dimensions), np.float32), dimensions, self._e)  # a bad size fails before the work
+            check_dimensions(self._e, dimensions)  # a size the model cannot give fails before any work
             rows = await anyio.to_thread.run_sync(tokenize, self._e, inputs, truncate)
             sink, source = anyio.create_memory_object_stream[EmbedEvent](1)
             async with source:

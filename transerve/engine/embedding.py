@@ -4,7 +4,8 @@ A sentence-transformers repository says how to pool in its own files (`modules.j
 module's `config.json`, a `Normalize` module); without them, a decoder (a model type that has a causal
 LM and no masked LM) pools its last token and an encoder its first ([CLS]), both normalised, as vLLM
 does. The model runs without a KV cache: each forward pass is a padded batch of whole inputs, sorted
-by length so that little is padding. Everything here is synchronous; the embedder actor calls `embed` in a worker thread.
+by length so that little is padding. Everything here is synchronous; the embedder actor calls `embed`
+in a worker thread.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class PoolingSpec:
     normalize: bool
     max_seq_length: int | None = None  # sentence-transformers' own limit, below the model's positions
     matryoshka_dimensions: tuple[int, ...] | None = None  # None: no truncation; (): any size; else these
+    subfolder: str = ""  # where the transformer's files are (older sentence-transformers repos: 0_Transformer)
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,11 @@ def pooling_spec(path: str) -> PoolingSpec | None:
             raise ModelTaskError(f"sentence-transformers modules {sorted(unknown)} are not supported "
                                  "(Transformer, Pooling and Normalize are)")
         pooling = Pooling(_pooling_mode(_read(root / kinds.get("Pooling", "1_Pooling") / "config.json")))
-        st_config = _read(root / "sentence_bert_config.json")
+        subfolder = kinds.get("Transformer", "")
+        st_config = _read(root / subfolder / "sentence_bert_config.json") or _read(root / "sentence_bert_config.json")
         return PoolingSpec(pooling, "Normalize" in kinds, st_config.get("max_seq_length"),
-                           _matryoshka(config, _read(root / "config_sentence_transformers.json")))
+                           _matryoshka(_read(root / subfolder / "config.json"), config,
+                                       _read(root / "config_sentence_transformers.json")), subfolder)
     architectures = config.get("architectures") or []
     if not architectures or not all(a.endswith("Model") and "For" not in a and "LMHead" not in a for a in architectures):
         return None
@@ -124,8 +128,10 @@ def load_embedder(model_id: str, path: str, spec: PoolingSpec, config: EngineCon
                   dtype: torch.dtype) -> Embedder:
     from transformers import AutoModel, AutoTokenizer
 
+    path = str(Path(path) / spec.subfolder)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-    model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=config.trust_remote_code)
+    model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                      trust_remote_code=config.trust_remote_code)
     model = model.to(device).eval()
     text_config = model.config.get_text_config()
     limits = [n for n in (spec.max_seq_length, config.scheduler.max_model_len, tokenizer.model_max_length,
@@ -203,10 +209,10 @@ def embed(e: Embedder, rows: Sequence[tuple[int, ...]]) -> tuple[np.ndarray, int
     return out, len(groups)
 
 
-def shorten(vectors: np.ndarray, dimensions: int | None, e: Embedder) -> np.ndarray:
-    """Matryoshka: the first `dimensions` of each vector, normalised again when the model normalises."""
+def check_dimensions(e: Embedder, dimensions: int | None) -> None:
+    """Raises EmbeddingInputError unless the model gives vectors of `dimensions` (None: its own size)."""
     if dimensions is None or dimensions == e.dimensions:
-        return vectors
+        return
     allowed = e.spec.matryoshka_dimensions
     if allowed is None:
         raise EmbeddingInputError(f"dimensions: this model's vectors have {e.dimensions} dimensions and it does not "
@@ -215,6 +221,13 @@ def shorten(vectors: np.ndarray, dimensions: int | None, e: Embedder) -> np.ndar
     if dimensions > e.dimensions or (allowed and dimensions not in allowed):
         sizes = ", ".join(map(str, allowed)) if allowed else f"1 to {e.dimensions}"
         raise EmbeddingInputError(f"dimensions: this model gives {sizes}", "dimensions")
+
+
+def shorten(vectors: np.ndarray, dimensions: int | None, e: Embedder) -> np.ndarray:
+    """Matryoshka: the first `dimensions` of each vector, normalised again when the model normalises."""
+    check_dimensions(e, dimensions)
+    if dimensions is None or dimensions == e.dimensions:
+        return vectors
     cut = vectors[:, :dimensions]
     if e.spec.normalize:
         cut = cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)
