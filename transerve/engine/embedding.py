@@ -201,8 +201,10 @@ def embed(e: Embedder, rows: Sequence[tuple[int, ...]]) -> tuple[np.ndarray, int
             for j, i in enumerate(group):
                 ids[j, :len(rows[i])] = torch.tensor(rows[i])
                 mask[j, :len(rows[i])] = 1
-            hidden = e.model(input_ids=ids.to(e.device), attention_mask=mask.to(e.device)).last_hidden_state
-            vectors = pool(hidden, mask.to(e.device), e.spec.pooling).float()
+            mask = mask.to(e.device)
+            padded = len(rows[group[-1]]) < width  # without padding no mask is built: attention takes a faster path
+            hidden = e.model(input_ids=ids.to(e.device), attention_mask=mask if padded else None).last_hidden_state
+            vectors = pool(hidden, mask, e.spec.pooling).float()
             if e.spec.normalize:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
             out[group] = vectors.cpu().numpy()
