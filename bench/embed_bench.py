@@ -1,7 +1,7 @@
 """Embeddings per second on CPU: transerve's embedding engine (and a live server) against
 sentence-transformers' own `encode`, on the same model in the same run.
 
-    python bench/embed_bench.py [--batch 32] [--tokens 256] [--repeats 3] [--no-server]
+    python bench/embed_bench.py [--batch 32] [--tokens 256] [--repeats 3] [--threads N] [--no-server]
 
 The model is all-MiniLM-L6-v2's architecture (BERT, 6 layers, width 384, 12 heads, a 30522-word
 vocabulary, mean pooling, Normalize) with random weights and a made-up WordPiece vocabulary, built
@@ -16,6 +16,7 @@ them alike); the table shows the median over --repeats, after one warm-up each.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import subprocess
@@ -55,13 +56,13 @@ def build_minilm(root: Path, max_seq_length: int) -> Path:
     return root / "minilm"
 
 
-def start_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "transerve.cli.main", "serve", str(model_dir), "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -78,8 +79,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, server's too")
     parser.add_argument("--no-server", action="store_true")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
     model_dir = build_minilm(work, args.tokens)
     rng = random.Random(0)
@@ -95,7 +98,7 @@ def main() -> None:
               "transerve engine": lambda: embed(engine, tokenize(engine, texts, None))[0]}
     server = None
     if not args.no_server:
-        server, url = start_server(model_dir)
+        server, url = start_server(model_dir, args.threads)
         client = httpx.Client(timeout=600)
         routes["transerve server"] = lambda: np.array([d["embedding"] for d in client.post(
             url + "/v1/embeddings", json={"model": str(model_dir), "input": texts}).raise_for_status().json()["data"]])
