@@ -57,12 +57,14 @@ def save_in_hf_cache(repo_id: str, files_dir: Path, revision: str = "0" * 40) ->
     snapshot.mkdir(parents=True, exist_ok=True)
     blobs = repo_dir / "blobs"
     blobs.mkdir(exist_ok=True)
-    for f in files_dir.iterdir():
-        target = snapshot / f.name
+    for f in sorted(p for p in files_dir.rglob("*") if p.is_file()):  # subfolders too (1_Pooling/config.json)
+        name = f.relative_to(files_dir).as_posix()
+        target = snapshot / name
         if not target.exists():
-            blob = blobs / f"{revision[:8]}-{f.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            blob = blobs / f"{revision[:8]}-{name.replace('/', '--')}"
             blob.write_bytes(f.read_bytes())
-            target.symlink_to(os.path.relpath(blob, snapshot))
+            target.symlink_to(os.path.relpath(blob, target.parent))
     (repo_dir / "refs").mkdir(exist_ok=True)
     (repo_dir / "refs" / "main").write_text(revision)
     return snapshot

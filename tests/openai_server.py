@@ -141,7 +141,7 @@ def post(server, path: str, body: dict) -> httpx.Response:
 def _answer_types() -> dict[str, tuple[TypeAdapter, TypeAdapter]]:
     from typing import Annotated, Literal
 
-    from openai.types import Completion, CompletionChoice
+    from openai.types import Completion, CompletionChoice, CreateEmbeddingResponse, Embedding
     from openai.types.audio import Transcription, TranscriptionStreamEvent, TranscriptionVerbose, Translation, TranslationVerbose
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
     from openai.types.responses import Response, ResponseStreamEvent
@@ -154,6 +154,12 @@ def _answer_types() -> dict[str, tuple[TypeAdapter, TypeAdapter]]:
     class CompletionChunk(Completion):
         choices: list[StreamedChoice]
 
+    class EncodedEmbedding(Embedding):  # the SDK decodes base64 vectors before it builds its objects
+        embedding: list[float] | str
+
+    class EmbeddingAnswer(CreateEmbeddingResponse):
+        data: list[EncodedEmbedding]
+
     # A transcript is verbose_json when it says how long the audio is; each form is checked as itself
     # (every openai type takes extra keys, so a plain Transcription would pass any verbose body).
     transcript = Annotated[Annotated[TranscriptionVerbose, Tag("verbose_json")] | Annotated[Transcription, Tag("json")],
@@ -164,7 +170,8 @@ def _answer_types() -> dict[str, tuple[TypeAdapter, TypeAdapter]]:
             "/v1/completions": (TypeAdapter(Completion), TypeAdapter(CompletionChunk)),
             "/v1/responses": (TypeAdapter(Response), TypeAdapter(ResponseStreamEvent)),
             "/v1/audio/transcriptions": (TypeAdapter(transcript), TypeAdapter(TranscriptionStreamEvent)),
-            "/v1/audio/translations": (TypeAdapter(translation), None)}
+            "/v1/audio/translations": (TypeAdapter(translation), None),
+            "/v1/embeddings": (TypeAdapter(EmbeddingAnswer), None)}
 
 
 def check_body(path: str, status: int, content_type: str, text: str) -> None:

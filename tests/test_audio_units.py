@@ -144,7 +144,7 @@ def test_take_waiting_drains_while_the_windows_fit_and_groups_by_options():
     for job in waiting:
         send.send_nowait(job)
     first = _job(1)
-    taken = take_waiting(first, receive, max_windows=6)
+    taken = take_waiting(first, receive, 6, lambda job: len(job.features))
     assert taken == [first, *waiting[:3]]  # 1 + 2 + 1 + 3 windows: the batch is full after the fourth
     assert receive.receive_nowait() is waiting[3]
     assert group_by_options(taken) == [[first, waiting[0], waiting[2]], [waiting[1]]]

@@ -141,7 +141,7 @@ def test_responses_stream_ends_with_response_failed_when_the_engine_fails():
 
 def test_every_sdk_field_has_a_status_and_the_readme_lists_them_all():
     from anthropic.types import message_count_tokens_params, message_create_params
-    from openai.types import completion_create_params
+    from openai.types import completion_create_params, embedding_create_params
     from openai.types.audio import transcription_create_params, translation_create_params
     from openai.types.chat import completion_create_params as chat_params
     from openai.types.responses import response_create_params
@@ -152,7 +152,8 @@ def test_every_sdk_field_has_a_status_and_the_readme_lists_them_all():
            "/v1/audio/transcriptions": transcription_create_params.TranscriptionCreateParamsStreaming,
            "/v1/audio/translations": translation_create_params.TranslationCreateParams,
            "/v1/messages": message_create_params.MessageCreateParamsStreaming,
-           "/v1/messages/count_tokens": message_count_tokens_params.MessageCountTokensParams}
+           "/v1/messages/count_tokens": message_count_tokens_params.MessageCountTokensParams,
+           "/v1/embeddings": embedding_create_params.EmbeddingCreateParams}
     for endpoint, params in sdk.items():
         missing = set(params.__annotations__) - set(REQUESTS[endpoint].fields())
         assert not missing, (endpoint, missing)

@@ -1,5 +1,5 @@
-"""Loads a model spec into what an engine needs: a `LoadedModel` for the paged text engine, or a
-Whisper `Transcriber`. Runs in a worker thread, before any actor starts."""
+"""Loads a model spec into what an engine needs: a `LoadedModel` for the paged text engine, a
+Whisper `Transcriber`, or an `Embedder` (an embedding model, no KV cache). Runs in a worker thread, before any actor starts."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from transerve.config import EngineConfig
 from transerve.engine import models
 from transerve.engine.core import EngineCore
 from transerve.engine.cpu_linear import transposed_copy_bytes
+from transerve.engine.embedding import Embedder, load_embedder, pooling_spec
 from transerve.engine.kv_sizing import choose_num_kv_blocks
 from transerve.engine.model_runner import ModelRunner
 from transerve.engine.models import load_model, resolve_device, resolve_dtype
@@ -34,12 +35,16 @@ class LoadedModel:
     image_prompts: Any = None  # a VLM's ImagePrompts (media/processor.py); None: requests with images get a 400
 
 
-def load(spec: str, config: EngineConfig, allow_download: bool, allow_local_paths: bool = True) -> LoadedModel | Transcriber:
+def load(spec: str, config: EngineConfig, allow_download: bool,
+         allow_local_paths: bool = True) -> LoadedModel | Transcriber | Embedder:
     resolved = models.resolve(spec, allow_download=allow_download, allow_local_paths=allow_local_paths)
     path = models.materialize(resolved, config.trust_remote_code)
     if is_speech_to_text(path):  # Whisper: served by the transcriber actor, not the paged text engine
         device = resolve_device(config.device)
         return load_transcriber(spec, path, config, device, resolve_dtype(config.dtype, device))
+    if (pooling := pooling_spec(path)) is not None:  # served by the embedder actor, without a KV cache
+        device = resolve_device(config.device)
+        return load_embedder(spec, path, pooling, config, device, resolve_dtype(config.dtype, device))
     tokenizer = models.load_tokenizer(resolved, config.trust_remote_code)
     generation_config = models.load_generation_config(resolved)
     device = resolve_device(config.device)

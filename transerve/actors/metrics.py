@@ -47,6 +47,13 @@ class EngineMetrics:
         self.transcription_batch_requests = Histogram("transerve_transcription_batch_requests", "Transcription "
                                                       "requests decoded together in one batched Whisper generate", model,
                                                       buckets=_BATCH_BUCKETS, registry=r)
+        # Embedding models: requests that shared forward passes (fewer passes than requests: they did).
+        self.embedding_requests = Counter("transerve_embedding_requests", "Embedding requests answered", model,
+                                          registry=r)
+        self.embedding_forward_passes = Counter("transerve_embedding_forward_passes", "Forward passes of embedding "
+                                                "models (one padded batch of inputs each)", model, registry=r)
+        self.embedding_batch_requests = Histogram("transerve_embedding_batch_requests", "Embedding requests embedded "
+                                                  "together in one batch", model, buckets=_BATCH_BUCKETS, registry=r)
 
     def track(self, model_id: str, num_choices: int = 1) -> ChoiceTrackers:
         return ChoiceTrackers([RequestTracker(self, model_id) for _ in range(num_choices)])

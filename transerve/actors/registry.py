@@ -14,14 +14,17 @@ from anyio.abc import TaskGroup
 
 from transerve.actors.assembly import LoadedModel, load
 from transerve.actors.client import EngineClient
+from transerve.actors.embedding_client import EmbeddingClient
 from transerve.actors.metrics import EngineMetrics
 from transerve.actors.runtime import start_engine
 from transerve.actors.transcription_client import TranscriptionClient
 from transerve.config import EngineConfig
 from transerve.engine import models
+from transerve.engine.embedding import Embedder
 from transerve.engine.whisper import Transcriber
 
 log = logging.getLogger(__name__)
+Engine = EngineClient | TranscriptionClient | EmbeddingClient
 
 
 @dataclass
@@ -35,7 +38,7 @@ class Models:
     allow_download: bool = False
     model_timeout: float | None = None  # unload a model idle this many seconds (never the forced one)
     metrics: EngineMetrics = field(default_factory=EngineMetrics)  # this server's own Prometheus registry
-    engines: dict[str, EngineClient | TranscriptionClient] = field(default_factory=dict)
+    engines: dict[str, Engine] = field(default_factory=dict)
     _locks: dict[str, anyio.Lock] = field(default_factory=dict)
 
     async def aclose(self) -> None:
@@ -43,9 +46,9 @@ class Models:
         for engine in list(self.engines.values()):
             await engine.aclose()
 
-    async def get(self, name: str | None, task: str = "text") -> EngineClient | TranscriptionClient:
-        """The engine serving `name` for `task` ("text" or "transcription"); raises
-        models.ModelNotFoundError, or models.ModelTaskError when the model does the other task."""
+    async def get(self, name: str | None, task: str | None = "text") -> Engine:
+        """The engine serving `name` for `task` ("text", "transcription", "embedding", or None: whatever the
+        model does); raises models.ModelNotFoundError, or models.ModelTaskError when the model does another task."""
         spec = self.forced or name
         if not spec:
             raise models.ModelNotFoundError("no model given; pass `model` in the request")
@@ -65,13 +68,19 @@ class Models:
                 if not lock.locked() and lock.statistics().tasks_waiting == 0 and self._locks.get(spec) is lock:
                     del self._locks[spec]
         engine.touch()  # before any await: an engine handed out is never idle long enough to unload
+        if task in ("text", "transcription") and isinstance(engine, EmbeddingClient):
+            raise models.ModelTaskError(f"{spec} is an embedding model: send its inputs to /v1/embeddings")
+        if task == "embedding" and not isinstance(engine, EmbeddingClient):
+            raise models.ModelTaskError(f"{spec} is not an embedding model (a sentence-transformers model, or one "
+                                        "without an LM head); it cannot embed")
         if task == "transcription" and not isinstance(engine, TranscriptionClient):
             raise models.ModelTaskError(f"{spec} is a text model; it cannot transcribe audio (use a Whisper model)")
         if task == "text" and isinstance(engine, TranscriptionClient):
             raise models.ModelTaskError(f"{spec} is a speech recognition model: send audio to /v1/audio/transcriptions")
         return engine
 
-    async def _run_engine(self, spec: str, loaded: LoadedModel | Transcriber, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+    async def _run_engine(self, spec: str, loaded: LoadedModel | Transcriber | Embedder, *,
+                          task_status=anyio.TASK_STATUS_IGNORED) -> None:
         """Run one model's actors in their own task group until it is unloaded, shut down, or crashes."""
         engine = None
         try:
@@ -91,7 +100,7 @@ class Models:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_free_memory)
 
-    async def _unload_when_idle(self, spec: str, engine: EngineClient | TranscriptionClient) -> None:
+    async def _unload_when_idle(self, spec: str, engine: Engine) -> None:
         while not engine.closed.is_set():
             idle_until = engine.last_used + self.model_timeout
             with anyio.move_on_after(max(idle_until - anyio.current_time(), 0.05)):

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import numpy as np
@@ -23,6 +24,7 @@ from transerve.actors.metrics import EngineMetrics
 from transerve.engine.whisper import DecodeOptions, Transcriber, WindowResult, decode_windows
 
 log = logging.getLogger(__name__)
+Job = TypeVar("Job")
 
 
 # client -> transcriber
@@ -57,16 +59,16 @@ class TranscribeFailed:
 TranscribeEvent = WindowToken | WindowsDone | TranscribeFailed
 
 
-def take_waiting(first: TranscribeJob, inbox: ObjectReceiveStream[TranscribeJob], max_windows: int) -> list[TranscribeJob]:
-    """`first` and whatever else waits in the mailbox, while the windows fit in one batch."""
-    jobs, windows = [first], len(first.features)
-    while windows < max_windows:
+def take_waiting(first: Job, inbox: ObjectReceiveStream[Job], limit: int, size: Callable[[Job], int]) -> list[Job]:
+    """`first` and whatever else waits in the mailbox, while their sizes (windows, tokens) fit in `limit`."""
+    jobs, total = [first], size(first)
+    while total < limit:
         try:
             job = inbox.receive_nowait()
         except (anyio.WouldBlock, anyio.EndOfStream):
             break
         jobs.append(job)
-        windows += len(job.features)
+        total += size(job)
     return jobs
 
 
@@ -96,7 +98,7 @@ async def transcriber_actor(t: Transcriber, inbox: ObjectReceiveStream[Transcrib
                 first = await inbox.receive()
             except anyio.EndOfStream:
                 return
-            taken = take_waiting(first, inbox, t.max_windows)
+            taken = take_waiting(first, inbox, t.max_windows, lambda job: len(job.features))
             try:
                 for group in group_by_options([job for job in taken if not client_left(job)]):
                     await _decode_group(t, group, metrics)

@@ -69,7 +69,7 @@ async def serve(config: ServerConfig, ready: anyio.Event | None = None) -> None:
                         model_timeout=config.model_timeout_s)
         for spec in (config.model, *config.preload):
             if spec:
-                await models.get(spec)
+                await models.get(spec, task=None)  # any kind: a text, Whisper or embedding model
         hypercorn_config = HypercornConfig()
         hypercorn_config.bind = [f"{config.host}:{config.port}"]
         hypercorn_config.accesslog = logging.getLogger("transerve.access") if config.log_level == "debug" else None

@@ -7,7 +7,7 @@ from quart import Quart, jsonify
 from transerve.actors.registry import Models
 from transerve.engine.models import ModelNotFoundError, ModelTaskError
 from transerve.config import ServerConfig
-from transerve.http import chat, completions, messages, models_api, openapi, playground, responses, transcriptions
+from transerve.http import chat, completions, embeddings, messages, models_api, openapi, playground, responses, transcriptions
 from transerve.http.errors import error_body, install_error_handlers
 from transerve.http.metrics import install_metrics
 from transerve.http.middleware import install_guards
@@ -27,6 +27,7 @@ def create_app(models: Models, config: ServerConfig = ServerConfig()) -> Quart:
     app.register_blueprint(messages.bp)
     app.register_blueprint(models_api.bp)
     app.register_blueprint(transcriptions.bp)
+    app.register_blueprint(embeddings.bp)
     if config.playground:
         app.register_blueprint(playground.bp)
     install_error_handlers(app)

@@ -26,7 +26,8 @@ _SUMMARY = {"/v1/chat/completions": "Chat completion (JSON, or server-sent event
             "/v1/audio/transcriptions": "Transcribe audio (JSON, text, SRT, WebVTT, or server-sent events with stream=true)",
             "/v1/audio/translations": "Translate speech into English text (JSON, text, SRT, WebVTT)",
             "/v1/messages": "Anthropic Messages API: a Message (JSON, or Anthropic's server-sent events with stream=true)",
-            "/v1/messages/count_tokens": "Anthropic Messages API: the prompt's length in tokens"}
+            "/v1/messages/count_tokens": "Anthropic Messages API: the prompt's length in tokens",
+            "/v1/embeddings": "Embed text or token ids (vectors as floats or base64 float32)"}
 _ANSWER = {"/v1/chat/completions": "chat.completion", "/v1/completions": "text_completion", "/v1/responses": "response"}
 _TRANSCRIPT = {"type": "object", "required": ["text"], "properties": {"text": _STR}}
 _ANTHROPIC = {  # Anthropic's answers are typed by `type`, not `object`
@@ -61,9 +62,18 @@ _ERRORS = {"400": _error("malformed or out-of-range field (`param` names it), or
            "503": _error("the server is shutting down or the model is being unloaded")}
 
 
+_EMBEDDINGS = {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+    "object": {"const": "list"}, "model": _STR, "usage": _OBJ,
+    "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"], "properties": {
+        "object": {"const": "embedding"}, "index": _int(0),
+        "embedding": {"anyOf": [{"type": "array", "items": {"type": "number"}}, _STR]}}}}}}
+
+
 def _answers(endpoint: str) -> dict:
     if endpoint in _ANTHROPIC:
         return {"application/json": {"schema": _ANTHROPIC[endpoint]}, "text/event-stream": {"schema": _STR}}
+    if endpoint == "/v1/embeddings":
+        return {"application/json": {"schema": _EMBEDDINGS}}
     if endpoint not in _ANSWER:  # a transcript: JSON, or text as response_format asks
         return {"application/json": {"schema": _TRANSCRIPT}, "text/plain": {"schema": _STR}, "text/vtt": {"schema": _STR},
                 "text/event-stream": {"schema": _STR}}

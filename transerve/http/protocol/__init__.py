@@ -5,8 +5,10 @@ converts itself into what the engine takes (SamplingParams, or a transcription's
 from transerve.http.protocol.chat import ChatCompletionRequest
 from transerve.http.protocol.completions import CompletionRequest
 from transerve.http.protocol.messages import CountTokensRequest, MessagesRequest
+from transerve.http.protocol.embeddings import EmbeddingRequest
 from transerve.http.protocol.responses import ResponsesRequest
 from transerve.http.protocol.transcriptions import TranscriptionRequest, TranslationRequest
 
 REQUESTS = {cls.endpoint: cls for cls in (ChatCompletionRequest, CompletionRequest, ResponsesRequest, TranscriptionRequest,
-                                              TranslationRequest, MessagesRequest, CountTokensRequest)}
+                                              TranslationRequest, MessagesRequest, CountTokensRequest,
+                                              EmbeddingRequest)}
