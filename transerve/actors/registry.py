@@ -20,6 +20,7 @@ from transerve.actors.transcription_client import TranscriptionClient
 from transerve.config import EngineConfig
 from transerve.engine import models
 from transerve.engine.whisper import Transcriber
+from transerve.parallel.steps import TensorParallelError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class Models:
                 task_status.started(engine)
                 if self.model_timeout is not None and self.model_timeout > 0 and spec != self.forced:
                     task_group.start_soon(self._unload_when_idle, spec, engine)
+        except TensorParallelError:  # a dead rank: its model cannot be served again, so the server stops
+            raise
         except Exception:  # one model's crash must not take the server (and the other models) down
             log.exception("the engine of %s failed; it will be loaded again on its next request", spec)
         finally:
