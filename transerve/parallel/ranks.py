@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import signal
 import socket
 import threading
@@ -42,6 +43,7 @@ from transerve.parallel.steps import TensorParallelError, TensorParallelRunner, 
 log = logging.getLogger(__name__)
 
 WORKER_STOP_TIMEOUT_S = 5.0
+STOP = pickle.dumps(None)  # the message that ends a worker's loop
 FAILURE_GRACE_S = 2.0  # after a rank fails, for the failed step's error to reach its requests' clients
 EXIT_DEADLINE_S = 15.0  # after a rank fails, the server is gone by then even if rank 0 is stuck in a collective
 
@@ -110,15 +112,19 @@ def worker_main(job: RankJob, conn: multiprocessing.connection.Connection, paren
     model, num_kv_blocks, max_model_len = load_shard(job)
     conn.send(num_kv_blocks)
     runner = build_runner(job, model, conn.recv(), max_model_len)
-    log.info("rank %d ready on %s", job.rank, runner.device)
+    log.info("rank %d (pid %d) ready on %s", job.rank, os.getpid(), runner.device)
     serve_steps(runner, conn.recv_bytes)
     dist.destroy_process_group()
 
 
 def _exit_with_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
+    """Rank 0 is not our parent (the fork server is): poll it, in case it died without closing our pipe."""
+    while True:
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
         time.sleep(0.5)
-    os._exit(1)
 
 
 class WorkerRanks:
@@ -128,15 +134,29 @@ class WorkerRanks:
         self.processes = processes
         self.conns = conns
         self.failure: str | None = None
+        self.start_error: BaseException | None = None
         atexit.register(self.stop_workers)  # before multiprocessing's own exit hook, which would wait on them
+
+    def start(self, their_ends: list) -> None:
+        try:
+            for process, there in zip(self.processes, their_ends):
+                process.start()
+                there.close()
+        except BaseException as exc:  # re-raised by the loading thread
+            self.start_error = exc
 
     def send(self, data: bytes) -> None:
         try:
             for conn in self.conns:
                 conn.send_bytes(data)
         except OSError as exc:  # a broken pipe: a worker is gone
-            self.fail(self.dead_rank() or f"a tensor-parallel worker cannot be reached: {exc}")
+            self.fail(self.wait_dead_rank() or f"a tensor-parallel worker cannot be reached: {exc}")
             raise TensorParallelError(self.failure) from exc
+
+    def wait_dead_rank(self, timeout: float = 1.0) -> str | None:
+        """The dead rank, waiting a moment for a dying one's exit code (a failed collective may come first)."""
+        multiprocessing.connection.wait([p.sentinel for p in self.processes], timeout)
+        return self.dead_rank()
 
     def dead_rank(self) -> str | None:
         for rank, process in enumerate(self.processes, start=1):
@@ -158,7 +178,11 @@ class WorkerRanks:
             ready = multiprocessing.connection.wait([*pending.values(), *(p.sentinel for p in self.processes)])
             for i, conn in list(pending.items()):
                 if conn in ready and conn.poll():
-                    messages[i] = conn.recv()
+                    try:
+                        messages[i] = conn.recv()
+                    except EOFError:  # it is exiting: wait for its exit code below
+                        self.processes[i].join(WORKER_STOP_TIMEOUT_S)
+                        continue
                     del pending[i]
             if pending and (dead := self.dead_rank()):
                 raise RuntimeError(f"{dead} while starting; see its log above")
@@ -173,7 +197,8 @@ class WorkerRanks:
             else:
                 with anyio.move_on_after(0.2):
                     await engine_closed.wait()
-        await anyio.to_thread.run_sync(self.stop_workers)  # also frees rank 0 from a collective it waits in
+        # A failed group is killed at once, which also frees rank 0 from a collective it may wait in.
+        await anyio.to_thread.run_sync(self.stop_workers, self.failure is None)
         if self.failure is None:
             return
         log.error("%s; failing the requests in flight and stopping the server", self.failure)
@@ -183,12 +208,22 @@ class WorkerRanks:
         await anyio.sleep(FAILURE_GRACE_S)
         raise TensorParallelError(self.failure)
 
-    def stop_workers(self) -> None:
-        """Kill every worker (idempotent): they hold nothing worth a graceful stop."""
-        for process in self.processes:
+    def stop_workers(self, graceful: bool = True) -> None:
+        """Stop every worker (idempotent): asked first when `graceful`, killed when they do not go."""
+        started = [p for p in self.processes if p.pid is not None]
+        if graceful:
+            for conn in self.conns:
+                try:
+                    conn.send_bytes(STOP)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + WORKER_STOP_TIMEOUT_S
+            for process in started:
+                process.join(max(0.0, deadline - time.monotonic()))
+        for process in started:
             if process.exitcode is None:
                 process.kill()
-        for process in self.processes:
+        for process in started:
             process.join(WORKER_STOP_TIMEOUT_S)
 
     def close(self) -> None:
@@ -219,24 +254,28 @@ def start_tensor_parallel(path: str, config: EngineConfig, dtype: torch.dtype) -
     rank_device(config, 0)  # the device checks, before any process starts
     if config.compile_decode or (not config.enforce_eager and resolve_device(config.device).type == "cuda"):
         log.info("tensor parallel: decode steps run eagerly (no CUDA graphs or compiled CPU steps on this path yet)")
-    context = multiprocessing.get_context("spawn")
+    # Workers fork from a fresh, single-threaded server process that has imported torch and transformers
+    # once (safe to fork, unlike this threaded one); a second TP model in the same process starts fast.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["transerve.parallel.ranks", "transformers.modeling_utils"])
     init_method = f"tcp://127.0.0.1:{_free_port()}"
-    processes, conns = [], []
-    for rank in range(1, world_size):
-        here, there = context.Pipe()
-        job = RankJob(path, config, dtype, rank, init_method, logging.getLogger().getEffectiveLevel())
-        process = context.Process(target=worker_main, args=(job, there, os.getpid()), daemon=True,
-                                  name=f"transerve-tp-rank{rank}")
-        process.start()
-        there.close()
-        processes.append(process)
-        conns.append(here)
-    ranks = WorkerRanks(processes, conns)
+    log_level = logging.getLogger().getEffectiveLevel()
+    pipes = [context.Pipe() for _ in range(1, world_size)]
+    processes = [context.Process(target=worker_main, args=(RankJob(path, config, dtype, rank, init_method, log_level),
+                                                           there, os.getpid()), daemon=True)
+                 for rank, (_, there) in enumerate(pipes, start=1)]
+    ranks = WorkerRanks(processes, [here for here, _ in pipes])
+    # The fork server's start (it imports torch and transformers) overlaps rank 0's own loading.
+    starting = threading.Thread(target=ranks.start, args=([there for _, there in pipes],), daemon=True)
+    starting.start()
     try:
-        job = RankJob(path, config, dtype, 0, init_method, logging.getLogger().getEffectiveLevel())
+        job = RankJob(path, config, dtype, 0, init_method, log_level)
         model, num_kv_blocks, max_model_len = load_shard(job)
+        starting.join()
+        if ranks.start_error is not None:
+            raise ranks.start_error
         num_kv_blocks = min(num_kv_blocks, *ranks.receive_all())
-        for conn in conns:
+        for conn in ranks.conns:
             conn.send(num_kv_blocks)
         runner = build_runner(job, model, num_kv_blocks, max_model_len)
     except BaseException:

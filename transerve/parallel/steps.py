@@ -51,8 +51,13 @@ class TensorParallelRunner:
         try:
             self.ranks.send(pickle.dumps((step, self._sampled), protocol=pickle.HIGHEST_PROTOCOL))
             sampled = self.runner.execute(step)
+        except TensorParallelError:
+            raise
         except Exception as exc:
             # Whichever rank failed, the others may be waiting in a collective this step never reaches.
+            if dead := self.ranks.wait_dead_rank():  # a collective fails when its peer dies: name the rank
+                self.ranks.fail(dead)
+                raise TensorParallelError(dead) from exc
             self.ranks.fail(f"a tensor-parallel step failed on rank 0: {type(exc).__name__}: {exc}")
             raise
         self._sampled = sampled.token_ids
