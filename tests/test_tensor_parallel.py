@@ -79,3 +79,13 @@ def test_two_ranks_give_one_ranks_tokens_alone_and_in_a_preempting_batch(tiny_re
 def test_heads_that_do_not_divide_are_refused_before_any_rank_starts(tiny_repos):
     with pytest.raises(ValueError, match=r"--tensor-parallel-size 3 does not divide the model's 4 attention heads.*: 1, 2"):
         engine("tiny/llama", 3)
+
+
+def test_tensor_parallel_serving_needs_the_model_named_at_start():
+    from transerve.cli.main import build_parser
+    from transerve.cli.serve import config_from_args
+
+    with pytest.raises(ValueError, match="--tensor-parallel-size needs MODEL"):
+        config_from_args(build_parser().parse_args(["serve", "--tensor-parallel-size", "2"]))
+    config = config_from_args(build_parser().parse_args(["serve", "tiny/llama", "-tp", "2", "--device", "cpu"]))
+    assert config.engine.tensor_parallel_size == 2

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from transerve.config import EngineConfig
+from transerve.engine.cpu_linear import SkinnyLinear
 from transerve.engine.kv_sizing import choose_num_kv_blocks, context_length
 from transerve.engine.model_runner import ModelRunner
 from transerve.engine.models import load_model, resolve_device
@@ -84,12 +85,23 @@ def load_shard(job: RankJob) -> tuple[torch.nn.Module, int, int]:
     # Load on the host, cut, then move only the shard to the device.
     model = load_model(job.path, config, torch.device("cpu") if device.type == "cuda" else device, job.dtype)
     shard_model(model, job.rank, world_size)
+    if device.type == "cuda":
+        _plain_linears(model)
     model = model.to(device)
     max_model_len = context_length(model.config.get_text_config(), config)
     num_kv_blocks = choose_num_kv_blocks(model, config, max_model_len)
     if device.type == "cpu" and config.cache.num_kv_blocks is None:
         num_kv_blocks = max(1, num_kv_blocks // world_size)  # one RAM shared by all ranks
     return model, num_kv_blocks, max_model_len
+
+
+def _plain_linears(model) -> None:
+    """Undo the CPU linears (engine/cpu_linear.py) that loading on the host put in: on the GPU they would
+    keep their host-side weight copies."""
+    for module in model.modules():
+        if isinstance(module, SkinnyLinear):
+            module.weight_t = None
+            module.__class__ = torch.nn.Linear
 
 
 def build_runner(job: RankJob, model, num_kv_blocks: int, max_model_len: int) -> ModelRunner:
@@ -133,6 +145,7 @@ class WorkerRanks:
     def __init__(self, processes: list, conns: list) -> None:
         self.processes = processes
         self.conns = conns
+        self.num_threads = torch.get_num_threads()  # rank 0 shares the cores while the workers live
         self.failure: str | None = None
         self.start_error: BaseException | None = None
         atexit.register(self.stop_workers)  # before multiprocessing's own exit hook, which would wait on them
@@ -233,6 +246,7 @@ class WorkerRanks:
             conn.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+        torch.set_num_threads(self.num_threads)
 
 
 def _exit_now(failure: str) -> None:
