@@ -69,6 +69,10 @@ def test_the_sdk_gets_one_ranks_greedy_answer_streamed_and_not(server, client, t
                                             max_tokens=8, temperature=0, stream=True)
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert streamed == chat.choices[0].message.content and chat.usage.completion_tokens > 0
+    # Constrained decoding: rank 0 alone applies the token bitmask, which the workers never receive.
+    constrained = client.chat.completions.create(model="tiny/llama", messages=[{"role": "user", "content": "JSON"}],
+                                                 max_tokens=8, temperature=0, response_format={"type": "json_object"})
+    assert constrained.choices[0].message.content.lstrip().startswith("{")
     assert "tensor parallel: 2 ranks on cpu, cpu" in server.output()
 
 

@@ -9,6 +9,7 @@ each message carries, beside the step, the tokens rank 0 sampled in the step bef
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from transerve.engine.model_runner import ModelRunner
 from transerve.engine.step import SampledTokens, ScheduledStep
 
 if TYPE_CHECKING:
-    from transerve.parallel.ranks import WorkerRanks
+    from transerve.parallel.workers import WorkerRanks
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ class TensorParallelRunner:
         if self.ranks.failure is not None:
             raise TensorParallelError(self.ranks.failure)
         try:
-            self.ranks.send(pickle.dumps((step, self._sampled), protocol=pickle.HIGHEST_PROTOCOL))
+            # The token bitmask only shapes rank 0's sampling, and is the one large field of a step.
+            for_workers = step if step.token_bitmask is None else dataclasses.replace(step, token_bitmask=None)
+            self.ranks.send(pickle.dumps((for_workers, self._sampled), protocol=pickle.HIGHEST_PROTOCOL))
             sampled = self.runner.execute(step)
         except TensorParallelError:
             raise
