@@ -12,7 +12,7 @@ from transerve.engine import models
 from transerve.engine.core import EngineCore
 from transerve.engine.cpu_linear import transposed_copy_bytes
 from transerve.engine.embedding import Embedder, load_embedder, pooling_spec
-from transerve.engine.kv_sizing import choose_num_kv_blocks
+from transerve.engine.kv_sizing import choose_num_kv_blocks, context_length
 from transerve.engine.model_runner import ModelRunner
 from transerve.engine.models import load_model, resolve_device, resolve_dtype
 from transerve.engine.whisper import Transcriber, is_speech_to_text, load_transcriber
@@ -48,13 +48,17 @@ def load(spec: str, config: EngineConfig, allow_download: bool,
     tokenizer = models.load_tokenizer(resolved, config.trust_remote_code)
     generation_config = models.load_generation_config(resolved)
     device = resolve_device(config.device)
-    model = load_model(path, config, device, resolve_dtype(config.dtype, device))
+    if config.tensor_parallel_size > 1:  # rank 0 here, ranks 1..N-1 in their own processes (parallel/ranks.py)
+        from transerve.parallel.ranks import start_tensor_parallel
+
+        runner, num_kv_blocks, max_model_len = start_tensor_parallel(path, config, resolve_dtype(config.dtype, device))
+        model = runner.model
+    else:
+        model = load_model(path, config, device, resolve_dtype(config.dtype, device))
+        max_model_len = context_length(model.config.get_text_config(), config)
+        num_kv_blocks = choose_num_kv_blocks(model, config, max_model_len)
+        runner = ModelRunner(model, config, num_kv_blocks, max_model_len)
     text_config = model.config.get_text_config()
-    max_model_len = getattr(text_config, "max_position_embeddings", None) or 4096
-    if config.scheduler.max_model_len is not None:
-        max_model_len = min(max_model_len, config.scheduler.max_model_len)
-    num_kv_blocks = choose_num_kv_blocks(model, config, max_model_len)
-    runner = ModelRunner(model, config, num_kv_blocks, max_model_len)
     core = EngineCore(config.scheduler, num_kv_blocks, config.cache.block_size, max_model_len, config.cache.enable_prefix_caching)
     eos = generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

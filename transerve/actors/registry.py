@@ -22,6 +22,7 @@ from transerve.config import EngineConfig
 from transerve.engine import models
 from transerve.engine.embedding import Embedder
 from transerve.engine.whisper import Transcriber
+from transerve.parallel.steps import TensorParallelError
 
 log = logging.getLogger(__name__)
 Engine = EngineClient | TranscriptionClient | EmbeddingClient
@@ -91,7 +92,9 @@ class Models:
                 task_status.started(engine)
                 if self.model_timeout is not None and self.model_timeout > 0 and spec != self.forced:
                     task_group.start_soon(self._unload_when_idle, spec, engine)
-        except Exception:  # one model's crash must not take the server (and the other models) down
+        except Exception as exc:  # one model's crash must not take the server (and the other models) down
+            if isinstance(exc, ExceptionGroup) and exc.subgroup(TensorParallelError) is not None:
+                raise  # a dead rank: the model cannot be served again, so the server stops
             log.exception("the engine of %s failed; it will be loaded again on its next request", spec)
         finally:
             if engine is not None and self.engines.get(spec) is engine:

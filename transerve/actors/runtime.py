@@ -23,6 +23,7 @@ from transerve.actors.transcriber import TranscribeJob, transcriber_actor
 from transerve.actors.transcription_client import TranscriptionClient
 from transerve.engine.embedding import Embedder
 from transerve.engine.whisper import Transcriber
+from transerve.parallel.steps import TensorParallelRunner
 
 
 async def start_engine(task_group: TaskGroup, loaded: LoadedModel | Transcriber | Embedder, mailbox_size: int,
@@ -49,4 +50,6 @@ async def start_engine(task_group: TaskGroup, loaded: LoadedModel | Transcriber 
     task_group.start_soon(scheduler.run)
     task_group.start_soon(executor_actor, loaded.runner, exec_recv, result_send)
     task_group.start_soon(detokenizer_actor, loaded.tokenizer, detok_recv)
+    if isinstance(loaded.runner, TensorParallelRunner):  # stops the server when a rank dies
+        task_group.start_soon(loaded.runner.ranks.watch, client.closed)
     return client

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--compile", action="store_true",
                        help="on CPU, compile decode steps with torch.compile (first use of each batch size compiles; "
                             "cached under ~/.cache/transerve/inductor)")
+    serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                       help="split MODEL over this many GPUs of this box (cuda:0..N-1), or CPU processes with "
+                            "--device cpu (default: 1)")
     serve.add_argument("--override-generation-config", default=None, metavar="JSON",
                        help="sampling defaults for every model, over each model's generation_config.json, as a JSON "
                             "object of temperature, top_p, top_k, min_p: '{\"temperature\": 0.7}' (default: none)")

@@ -18,6 +18,8 @@ log = logging.getLogger("transerve")
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.model and args.force_model and args.model != args.force_model:
         raise ValueError(f"MODEL ({args.model}) and --force-model ({args.force_model}) disagree; give one")
+    if args.tensor_parallel_size > 1 and not (args.model or args.force_model):
+        raise ValueError("--tensor-parallel-size needs MODEL: the ranks serve one model, loaded at start")
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -36,6 +38,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             trust_remote_code=args.trust_remote_code,
             enforce_eager=args.enforce_eager,
             compile_decode=args.compile,
+            tensor_parallel_size=args.tensor_parallel_size,
             cache=CacheConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                               memory_fraction=args.memory_fraction, enable_prefix_caching=not args.no_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -112,6 +115,11 @@ def run_serve(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     except BaseExceptionGroup as group:  # raised inside the task group: a model that cannot load
+        from transerve.parallel.steps import TensorParallelError
+
+        rank_failed, group = group.split(TensorParallelError)
+        if rank_failed is not None:  # already logged, with the rank
+            return 1
         user_errors, other = group.split((ValueError, ModelNotFoundError))
         if other is not None or user_errors is None:
             raise

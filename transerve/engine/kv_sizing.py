@@ -19,6 +19,14 @@ def kv_shape(text_config) -> tuple[int, int]:
     return num_kv_heads, head_dim
 
 
+def context_length(text_config, config: EngineConfig) -> int:
+    """The longest sequence served: the model's own context, or --max-model-len when shorter."""
+    max_model_len = getattr(text_config, "max_position_embeddings", None) or 4096
+    if config.scheduler.max_model_len is not None:
+        max_model_len = min(max_model_len, config.scheduler.max_model_len)
+    return max_model_len
+
+
 def kv_bytes_per_block(model, block_size: int) -> int:
     text_config = model.config.get_text_config()
     num_kv_heads, head_dim = kv_shape(text_config)
