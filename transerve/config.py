@@ -58,6 +58,9 @@ class EngineConfig:
     # On CPU, decode steps as compiled graphs (engine/compiled_step.py); off by default: each batch-size
     # bucket's first compile takes a minute or two on a small CPU (cached on disk after).
     compile_decode: bool = False
+    # Weights the linears compute with (engine/quantize.py): auto (a GGUF keeps its own quantized blocks on
+    # CPU), none (float), int8 (weight-only, groups of 32, CPU only).
+    quantization: str = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # Sampling defaults for every model, over each model's own generation_config: (name, value) pairs.
@@ -73,6 +76,8 @@ class EngineConfig:
             if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
                 kind = "an integer" if name == "top_k" else "a number"
                 raise ValueError(f"override_generation_config: {name} must be {kind} between {lo} and {hi}, got {value!r}")
+        if self.quantization not in ("auto", "none", "int8"):
+            raise ValueError(f"quantization must be auto, none or int8, got {self.quantization!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--compile", action="store_true",
                        help="on CPU, compile decode steps with torch.compile (first use of each batch size compiles; "
                             "cached under ~/.cache/transerve/inductor)")
+    serve.add_argument("--quantization", default="auto", choices=["auto", "none", "int8"],
+                       help="CPU weights: auto keeps a GGUF's own Q4_0/Q4_1/Q8_0 blocks (default), none runs float "
+                            "(a GGUF dequantized), int8 quantizes float linears in groups of 32 (CPU only)")
     serve.add_argument("--override-generation-config", default=None, metavar="JSON",
                        help="sampling defaults for every model, over each model's generation_config.json, as a JSON "
                             "object of temperature, top_p, top_k, min_p: '{\"temperature\": 0.7}' (default: none)")
