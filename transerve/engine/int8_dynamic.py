@@ -14,7 +14,26 @@ SmolLM2 +9% perplexity, 8 bits +2%. The weights are the file's blocks re-rounded
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+
+# fbgemm's packed weights are a TorchScript object that torch.compile cannot take as an argument, so the
+# compiled decode step (engine/compiled_step.py) reaches them through this opaque op and a table of
+# packed weights by key: the op's int argument is a constant in the graph. Entries live as long as the
+# process (a model's linears are few; an unloaded model leaves its packed weights here).
+_PACKED: dict[int, object] = {}
+
+
+@torch.library.custom_op("transerve::int8_dynamic_linear", mutates_args=())
+def _linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x, _PACKED[key], False)
+
+
+@_linear.register_fake
+def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 def available() -> bool:
@@ -31,14 +50,22 @@ class DynamicInt8Linear(torch.nn.Module):
         self.out_features, self.in_features = weight.shape
         weight = weight.detach().float()
         scale = (weight.abs().amax(1) / 127).clamp(min=1e-12).double()
-        qweight = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+        with warnings.catch_warnings():  # torch marks quantized tensors deprecated; fbgemm's prepack needs one
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self._key = id(self._packed)
+        _PACKED[self._key] = self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         row_max = flat.abs().amax(1, keepdim=True).float().clamp(min=1e-30)
-        out = torch.ops.quantized.linear_dynamic((flat / row_max).contiguous(), self._packed, False) * row_max
+        scaled = (flat / row_max).contiguous()
+        if torch.compiler.is_compiling():
+            out = _linear(scaled, self._key, self.out_features) * row_max
+        else:
+            out = torch.ops.quantized.linear_dynamic(scaled, self._packed, False) * row_max
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
