@@ -11,7 +11,8 @@
 # llama-server: /tmp/llama-build/bin/llama-server (../shared/anchors/build_llama_server.sh), run with
 # `-t $THREADS -np <concurrency>` (one server per concurrency). transformers serve needs
 # pip install 'transformers[serving]' and the float32 copy in /tmp/smollm2-hf (bench/README.md).
-# Every step runs under `timeout`.
+# Every step runs under `timeout`. On a box shared with other jobs, export OMP_WAIT_POLICY=PASSIVE: spinning
+# OpenMP threads on oversubscribed cores made a float32 step ~10x slower here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 GGUF=${GGUF:-$(python -c "from transerve.engine.models import bundled_gguf_path as p; print(p())")}
