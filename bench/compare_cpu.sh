@@ -29,6 +29,7 @@ DEFAULT_SERVERS="transerve-f32 transerve-q4 transerve-q4-compile"
 SERVERS=${SERVERS:-$DEFAULT_SERVERS}
 OUT=${OUT:-/tmp/compare-cpu}; mkdir -p "$OUT"; rm -f "$OUT"/*.txt
 
+p=""; pid=""
 port() { python -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])"; }
 wait_up() { for _ in $(seq 900); do curl -sf "http://127.0.0.1:$1/v1/models" >/dev/null && return 0; sleep 1; done; return 1; }
 stop() { kill -TERM "$1" 2>/dev/null; wait "$1" 2>/dev/null; }

@@ -60,6 +60,19 @@ def test_compiled_decode_over_quantized_weights_gives_the_eager_quantized_tokens
     assert compiled.runner.graphs.compiled == {8} and not compiled.runner.graphs.failed
 
 
+def test_a_tokens_result_does_not_depend_on_the_rest_of_the_batch():
+    """The same row alone or among others (a prefix-cached prompt, another batch) gives the same bits."""
+    torch.manual_seed(0)
+    linear = DynamicInt8Linear(torch.randn(96, 64), torch.randn(96), "int8")
+    x = torch.randn(7, 64)
+    x[3] = x[3].abs()  # a row with no negative values: alone, fbgemm would pick a different range
+    with torch.inference_mode():
+        together = linear(x)
+        assert all(torch.equal(linear(x[i:i + 1])[0], together[i]) for i in range(7))
+        expected = torch.nn.functional.linear(x, linear.dequantized_weight(), linear.bias)
+    torch.testing.assert_close(together, expected, rtol=0, atol=0.02 * expected.abs().max().item())
+
+
 def test_int8_is_refused_on_cuda_with_a_clear_error(tiny_repos):
     model = torch.nn.Sequential(torch.nn.Linear(64, 64))
     with pytest.raises(ValueError, match="CPU feature"):

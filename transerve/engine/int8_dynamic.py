@@ -8,7 +8,8 @@ where the compiled block kernels of engine/quantized.py were slower than float32
 fbgemm quantizes activations with one scale per call: over a prefill chunk or a batch, one outlier token
 sets the step for all, and SmolLM2's perplexity (bench/quality.py) went from 16.7 to 51.6. So each row is
 divided by its own absolute maximum before the call and multiplied back after (the product is linear in
-each row): one scale per token. Activations use the full 8 bits (reduce_range=False): 7 bits cost
+each row): one scale per token, and one extra row pins the range so that a token's result does not depend
+on the rest of the batch (a prompt prefilled in other chunks, from the prefix cache, answers the same). Activations use the full 8 bits (reduce_range=False): 7 bits cost
 SmolLM2 +9% perplexity, 8 bits +2%. The weights are the file's blocks re-rounded to one int8 scale per row.
 """
 
@@ -55,17 +56,22 @@ class DynamicInt8Linear(torch.nn.Module):
             qweight = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.register_buffer("_range_row", torch.zeros(1, self.in_features), persistent=False)
+        self._range_row[0, :2] = torch.tensor([1.0, -1.0])
         self._key = id(self._packed)
         _PACKED[self._key] = self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         row_max = flat.abs().amax(1, keepdim=True).float().clamp(min=1e-30)
-        scaled = (flat / row_max).contiguous()
+        # fbgemm takes the activations' range from the call's min and max: one extra row holding 1 and -1
+        # pins it to [-1, 1], so a token's result never depends on what else is in the batch.
+        rows = flat.shape[0]
+        scaled = torch.cat([flat / row_max, self._range_row])
         if torch.compiler.is_compiling():
-            out = _linear(scaled, self._key, self.out_features) * row_max
+            out = _linear(scaled, self._key, self.out_features)[:rows] * row_max
         else:
-            out = torch.ops.quantized.linear_dynamic(scaled, self._packed, False) * row_max
+            out = torch.ops.quantized.linear_dynamic(scaled, self._packed, False)[:rows] * row_max
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
