@@ -77,12 +77,12 @@ def num_kv_blocks(model, args, device: torch.device, max_tokens: int) -> int:
     return min(needed, affordable)
 
 
-def load_served_model(spec: str, device: torch.device, dtype: torch.dtype):
-    """A model as the server loads it (GGUF conversion, CPU linears included)."""
+def load_served_model(spec: str, device: torch.device, dtype: torch.dtype, quantization: str = "auto"):
+    """A model as the server loads it (GGUF conversion, quantized weights and CPU linears included)."""
     from transerve.engine import models
 
     path = models.materialize(models.resolve(spec))
-    return load_model(path, EngineConfig(device=str(device), dtype=str(dtype)[6:]), device, dtype)
+    return load_model(path, EngineConfig(device=str(device), dtype=str(dtype)[6:], quantization=quantization), device, dtype)
 
 
 def run_transerve(args, config, prompts, device, dtype) -> tuple[float, int]:

@@ -1,6 +1,7 @@
 """Where a CPU decode step's time goes: linears, attention, the rest of the ops, Python, sampling.
 
-    PYTHONPATH=. python bench/profile_step.py --batch 1            # SmolLM2-135M-Instruct, float32
+    PYTHONPATH=. python bench/profile_step.py --batch 1            # SmolLM2-135M-Instruct, its GGUF's weights
+    PYTHONPATH=. python bench/profile_step.py --batch 1 --quantization none    # float32
     PYTHONPATH=. python bench/profile_step.py --batch 32 --compiled
 
 Prefills `--batch` requests of 128 random tokens, then times `--steps` decode steps (median) and profiles
@@ -29,7 +30,7 @@ from transerve.engine.model_runner import ModelRunner  # noqa: E402
 from transerve.engine.request import Request, SamplingParams  # noqa: E402
 
 FAMILIES = {
-    "linears": ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "mkl", "mkldnn"),
+    "linears": ("quantized::linear_dynamic", "aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "mkl", "mkldnn"),
     "attention": ("aten::index_select", "aten::baddbmm", "aten::bmm", "aten::_softmax", "aten::softmax",
                   "aten::index_copy_", "aten::scaled_dot_product_attention"),
     "compiled graph": ("Torch-Compiled Region", "CompiledFunction", "cpp_fused", "## Call CompiledFxGraph"),
@@ -49,9 +50,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--compiled", action="store_true", help="the compiled decode step (engine/compiled_step.py)")
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int8"])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     device = torch.device("cpu")
-    model = load_served_model(args.model, device, torch.float32)
+    torch.set_num_threads(args.threads)
+    model = load_served_model(args.model, device, torch.float32, args.quantization)
     blocks, block_size, max_len = args.batch * 12 + 1, 16, 128 + args.steps + 64
     config = EngineConfig(device="cpu", dtype="float32", compile_decode=args.compiled,
                           cache=CacheConfig(block_size=block_size, num_kv_blocks=blocks),

@@ -11,6 +11,10 @@ Routes:
   f32            F.linear on float32 weights (today's path; SkinnyLinear's W @ x^T for 2-128 rows)
   int8pack       torch._weight_int8pack_mm (per-channel int8; its fast paths want AVX-512)
   int4pack       torch._weight_int4pack_mm_for_cpu (group 32, scale and zero)
+  fbgemm         torch.ops.quantized.linear_dynamic over fbgemm-prepacked per-channel int8 (activations
+                 quantized to uint8 per call; AVX2 kernels; not the file's blocks: weights re-rounded)
+  fbgemm_fp16    torch.ops.quantized.linear_dynamic_fp16 over fbgemm-prepacked float16 weights (no
+                 activation quantization; half of float32's bytes)
   q8_fused       compiled fused dequantize+matmul of tiled Q8_0-style int8 blocks (engine/quantized.py)
   q4_fused       the same for Q4_1-style 4-bit blocks (scale and min; values unpacked to bytes)
   q8_dequant_mm  compiled dequantize to float32, then MKL's W @ x^T
@@ -36,7 +40,7 @@ SHAPES = {"q 576->576": (576, 576), "k/v 576->192": (192, 576), "up/gate 576->15
           "down 1536->576": (576, 1536), "lm_head 576->49152": (49152, 576)}
 LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 STACK_ROUTES = ["f32 eager", "f32 compiled", "Q4_1+Q8_0 per-linear", "Q4_1+Q8_0 compiled", "int8 compiled"]
-ROUTES = ["f32", "int8pack", "int4pack", "q8_fused", "q4_fused", "q8_dequant_mm", "q4_dequant_mm"]
+ROUTES = ["f32", "fbgemm", "fbgemm_fp16", "int8pack", "int4pack", "q8_fused", "q4_fused", "q8_dequant_mm", "q4_dequant_mm"]
 
 
 def random_weights(n: int, k: int):
@@ -55,6 +59,12 @@ def prepare(route: str, w: dict):
     q4 = q.nibble_linear(w["packed"], w["scale"], w["minimum"], "Q4_1").dequantized_weight()
     if route == "f32":
         return q4.contiguous(), q4
+    if route == "fbgemm":  # per-channel int8 of the Q4_1 weight, prepacked for fbgemm's AVX2 GEMM
+        row_scale = (q4.abs().amax(1) / 127).double()
+        qw = torch.quantize_per_channel(q4, row_scale, torch.zeros_like(row_scale, dtype=torch.long), 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(qw, None), qw.dequantize()
+    if route == "fbgemm_fp16":
+        return torch.ops.quantized.linear_prepack_fp16(q4, None), q4.half().float()
     if route == "int8pack":  # per-channel: the oracle is its own per-row rounding
         row_scale = q8.abs().amax(1) / 127  # per output row
         qi = torch.round(q8 / row_scale[:, None]).to(torch.int8)
@@ -72,6 +82,10 @@ def prepare(route: str, w: dict):
 def runner(route: str):
     if route == "f32":
         return lambda x, wt: torch.mm(wt, x.t()).t() if 2 <= x.shape[0] <= 128 else F.linear(x, wt)
+    if route == "fbgemm":
+        return lambda x, packed: torch.ops.quantized.linear_dynamic(x, packed, True)  # reduce_range for AVX2
+    if route == "fbgemm_fp16":
+        return lambda x, packed: torch.ops.quantized.linear_dynamic_fp16(x, packed)
     if route == "int8pack":
         return lambda x, s: torch._weight_int8pack_mm(x, *s)
     if route == "int4pack":

@@ -14,8 +14,10 @@ from transerve.engine.request import Request, SamplingParams
 PROMPT_LENGTHS = [5, 17, 40, 100, 3, 64, 33, 250]
 
 
-def make_engine(spec: str, num_kv_blocks: int = 256, max_num_batched_tokens: int = 64, max_num_seqs: int = 64):
+def make_engine(spec: str, num_kv_blocks: int = 256, max_num_batched_tokens: int = 64, max_num_seqs: int = 64,
+                quantization: str = "auto"):
     config = EngineConfig(
+        quantization=quantization,
         cache=CacheConfig(block_size=16, num_kv_blocks=num_kv_blocks),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
     )
@@ -84,7 +86,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny_repos):
 
 @pytest.mark.slow
 def test_smollm2_greedy_matches_generate_alone_and_batched(smollm2_dir, tokenizer):
-    loaded = make_engine("SmolLM2-135M-Instruct", num_kv_blocks=512, max_num_batched_tokens=256)
+    # float32, as the reference (a GGUF served by default keeps its quantized weights: tests/test_quantized_serving.py)
+    loaded = make_engine("SmolLM2-135M-Instruct", num_kv_blocks=512, max_num_batched_tokens=256, quantization="none")
     reference = hf_reference_model(smollm2_dir)
     questions = ["What is the capital of France?", "Write a haiku about the sea.", "List three colours.",
                  "Explain gravity in one sentence.", "Hi!", "What is 2 + 2?", "Name a famous painter.",

@@ -103,7 +103,7 @@ def test_smollm2_from_its_gguf_blocks_answers_like_the_dequantized_model(smollm2
 
     dequantized = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    assert use_gguf_linears(model, str(bundled_gguf_path())) == {"Q4_1": 210, "Q8_0": 1}
+    assert use_gguf_linears(model, str(bundled_gguf_path())) == ({"Q4_1": 210, "Q8_0": 1}, {})
     assert quantized.precision(model) == "Q4_1+Q8_0"
     # The same weights, Q/K rows in transformers' order included, so the same model.
     for name, module in model.named_modules():

@@ -33,3 +33,10 @@ def test_default_model_reports_its_model_cards_sampling_in_models_and_the_log(se
     entry = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused").models.retrieve("SmolLM2-135M-Instruct")
     assert (entry.generation_defaults["temperature"], entry.generation_defaults["top_p"]) == (0.2, 0.9)
     assert "sampling defaults {'temperature': 0.2, 'top_p': 0.9" in server.output()
+
+
+def test_default_model_runs_its_ggufs_quantized_weights_and_says_so(server):
+    """The GGUF's Q4_1/Q8_0 weights stay quantized (computed by fbgemm's int8 GEMM), as /v1/models and the log say."""
+    entry = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused").models.retrieve("SmolLM2-135M-Instruct")
+    assert entry.precision == "Q4_1+Q8_0 (int8 fbgemm)"
+    assert "loaded SmolLM2-135M-Instruct on cpu in Q4_1+Q8_0 (int8 fbgemm)" in server.output()

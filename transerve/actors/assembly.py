@@ -15,6 +15,7 @@ from transerve.engine.embedding import Embedder, load_embedder, pooling_spec
 from transerve.engine.kv_sizing import choose_num_kv_blocks, context_length
 from transerve.engine.model_runner import ModelRunner
 from transerve.engine.models import load_model, resolve_device, resolve_dtype
+from transerve.engine.quantized import precision
 from transerve.engine.whisper import Transcriber, is_speech_to_text, load_transcriber
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class LoadedModel:
     max_model_len: int
     vocab_size: int = 0  # rows of the LM head: the token ids logit_bias may name
     image_prompts: Any = None  # a VLM's ImagePrompts (media/processor.py); None: requests with images get a 400
+    precision: str = ""  # what the linears compute in: 'Q4_1+Q8_0', 'int8', 'float32', ...
 
 
 def load(spec: str, config: EngineConfig, allow_download: bool,
@@ -65,15 +67,17 @@ def load(spec: str, config: EngineConfig, allow_download: bool,
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     defaults = models.generation_defaults(generation_config, dict(config.override_generation_config))
-    log.info("loaded %s on %s: %d KV blocks of %d tokens, context %d, sampling defaults %s", spec, device, num_kv_blocks,
-             config.cache.block_size, max_model_len, defaults)
+    weights = precision(model)
+    log.info("loaded %s on %s in %s: %d KV blocks of %d tokens, context %d, sampling defaults %s", spec, device, weights,
+             num_kv_blocks, config.cache.block_size, max_model_len, defaults)
     if copy_bytes := transposed_copy_bytes(model):
         log.info("CPU: a transposed copy of the linear weights (%.0f MB) speeds up single-sequence decoding", copy_bytes / 2**20)
     head = model.get_output_embeddings()
-    vocab_size = head.weight.shape[0] if head is not None else text_config.vocab_size
+    vocab_size = head.out_features if head is not None else text_config.vocab_size
     image_prompts = None
     if runner.multimodal is not None:
         from transerve.media.processor import ImagePrompts
 
         image_prompts = ImagePrompts.load(path, tokenizer, model, config.trust_remote_code)
-    return LoadedModel(spec, tokenizer, runner, core, frozenset(eos_ids), defaults, max_model_len, vocab_size, image_prompts)
+    return LoadedModel(spec, tokenizer, runner, core, frozenset(eos_ids), defaults, max_model_len, vocab_size, image_prompts,
+                       precision=weights)

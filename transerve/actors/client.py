@@ -47,6 +47,7 @@ class EngineClient:
         self.max_model_len = loaded.max_model_len
         self.vocab_size = loaded.vocab_size
         self.generation_defaults = loaded.generation_defaults
+        self.precision = loaded.precision
         self.tokenizer = loaded.tokenizer  # for the HTTP layer's own small needs (echo of token prompts)
         self.accepts_images = loaded.image_prompts is not None
         self._image_prompts = loaded.image_prompts

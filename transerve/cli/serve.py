@@ -39,6 +39,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             enforce_eager=args.enforce_eager,
             compile_decode=args.compile,
             tensor_parallel_size=args.tensor_parallel_size,
+            quantization=args.quantization,
             cache=CacheConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                               memory_fraction=args.memory_fraction, enable_prefix_caching=not args.no_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

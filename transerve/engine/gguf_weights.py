@@ -37,9 +37,9 @@ def linear_from_blocks(fmt: str, rows: np.ndarray, compiled: bool = True, bias=N
     return nibble_linear(torch.from_numpy(packed.copy()), scale, minimum, fmt, bias, compiled)
 
 
-def use_gguf_linears(model: torch.nn.Module, gguf_path: str, compiled: bool = True) -> dict[str, int]:
+def use_gguf_linears(model: torch.nn.Module, gguf_path: str, compiled: bool = True) -> tuple[dict[str, int], dict[str, int]]:
     """Replace the linears of `model` (loaded from this GGUF) by QuantizedLinears over the file's blocks.
-    Returns how many linears of each format were replaced."""
+    Returns how many linears of each format were replaced, and how many of each other type stay float."""
     from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, LlamaTensorProcessor, TensorProcessor
 
@@ -48,7 +48,7 @@ def use_gguf_linears(model: torch.nn.Module, gguf_path: str, compiled: bool = Tr
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)
     arch_id = next((key for key, name in MODEL_ARCH_NAMES.items() if name == arch), None)
     if processor not in (TensorProcessor, LlamaTensorProcessor) or arch_id is None:
-        return {}  # its conversion reshapes or splits tensors: keep the float weights
+        return {}, {}  # its conversion reshapes or splits tensors: keep the float weights
     config = model.config.get_text_config()
     # gguf's own HF -> GGUF name map (transformers' get_gguf_hf_weights_map rebuilds it per module: slow)
     gguf_names = get_tensor_name_map(arch_id, config.num_hidden_layers)
@@ -56,11 +56,16 @@ def use_gguf_linears(model: torch.nn.Module, gguf_path: str, compiled: bool = Tr
     if "output.weight" not in tensors and getattr(config, "tie_word_embeddings", False) and "token_embd.weight" in tensors:
         tensors["output.weight"] = tensors["token_embd.weight"]  # the LM head reads the embedding's blocks
     counts: dict[str, int] = {}
+    skipped: dict[str, int] = {}
     linears = [(name, m) for name, m in model.named_modules() if type(m) is torch.nn.Linear]
     for module_name, module in linears:
         gguf_name = gguf_names.get_name(module_name)
         tensor = tensors.get(f"{gguf_name}.weight") if gguf_name else None
-        if tensor is None or tensor.tensor_type.name not in _BLOCK_BYTES:
+        if tensor is None:
+            continue
+        if tensor.tensor_type.name not in _BLOCK_BYTES:
+            if tensor.tensor_type.name not in ("F32", "F16", "BF16"):
+                skipped[tensor.tensor_type.name] = skipped.get(tensor.tensor_type.name, 0) + 1
             continue
         rows = np.asarray(tensor.data)
         if rows.shape[0] != module.out_features or rows.shape[1] * BLOCK != module.in_features * _BLOCK_BYTES[tensor.tensor_type.name]:
@@ -71,4 +76,4 @@ def use_gguf_linears(model: torch.nn.Module, gguf_path: str, compiled: bool = Tr
         bias = None if module.bias is None else module.bias.detach().float()
         model.set_submodule(module_name, linear_from_blocks(tensor.tensor_type.name, rows, compiled, bias))
         counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
-    return counts
+    return counts, skipped

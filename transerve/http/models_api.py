@@ -16,7 +16,7 @@ def _model_list() -> list[dict]:
     # Loaded models (the pinned MODEL among them) come first: clients often take the first id.
     loaded = {name: {**cached.get(name, {"id": name, "owned_by": "transerve"}), "object": "model",
                      "created": cached.get(name, {}).get("created", engine.created), "loaded": True,
-                     **_generation_defaults(engine)}
+                     **_generation_defaults(engine), **_precision(engine)}
               for name, engine in registry.engines.items()}
     return list(loaded.values()) + [e for name, e in cached.items() if name not in loaded]
 
@@ -25,6 +25,12 @@ def _generation_defaults(engine) -> dict:
     """Extension: the sampling a request to this text model gets for what it leaves unset."""
     defaults = getattr(engine, "generation_defaults", None)  # a Whisper engine has none
     return {} if defaults is None else {"generation_defaults": defaults}
+
+
+def _precision(engine) -> dict:
+    """Extension: what a loaded text model's linears compute in ('Q4_1+Q8_0', 'int8', 'float32', ...)."""
+    value = getattr(engine, "precision", None)  # a Whisper engine has none
+    return {"precision": value} if value else {}
 
 
 @bp.get("/v1/models")

@@ -99,7 +99,9 @@ def _get(summary: str, operation_id: str, content_type: str, schema: dict, error
 _MODEL = {"type": "object", "required": ["id", "object"], "properties": {
     "id": _STR, "object": {"const": "model"}, "created": {"type": "integer"}, "owned_by": _STR, "loaded": _BOOL,
     "generation_defaults": {"type": "object", "additionalProperties": {"type": "number"},
-                            "description": "extension: the sampling a request that sets none gets (loaded text models)"}}}
+                            "description": "extension: the sampling a request that sets none gets (loaded text models)"},
+    "precision": {"type": "string", "description": "extension: what a loaded text model's linears compute in "
+                  "(a GGUF's own quantized formats such as 'Q4_1+Q8_0', 'int8', or a float dtype)"}}}
 
 
 def build_document(rules: set[str], api_key_required: bool) -> dict:

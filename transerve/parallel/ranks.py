@@ -75,7 +75,9 @@ def load_shard(job: RankJob) -> tuple[torch.nn.Module, int, int]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     else:
         torch.cuda.set_device(device)
-    # Load on the host, cut, then move only the shard to the device.
+    # Load on the host, cut, then move only the shard to the device. Shards are cut from float linears, so a
+    # GGUF runs dequantized here (config refuses an explicit int8).
+    config = dataclasses.replace(config, quantization="none")
     model = load_model(job.path, config, torch.device("cpu") if device.type == "cuda" else device, job.dtype)
     shard_model(model, job.rank, world_size)
     if device.type == "cuda":

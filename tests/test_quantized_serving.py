@@ -1,0 +1,98 @@
+"""Quantized weights as served (engine/quantize.py): `--quantization int8` on a float model, a GGUF kept
+quantized, the compiled decode step over quantized linears, and CUDA refusing a CPU-only feature."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_compiled_step import LENGTHS, run
+from test_engine import random_prompts
+from transerve.actors.assembly import load
+from transerve.config import CacheConfig, EngineConfig, SchedulerConfig
+from transerve.engine.compiled_step import CompiledDecode
+from transerve.engine.int8_dynamic import DynamicInt8Linear
+from transerve.engine.quantize import quantize_model
+
+
+def engine(quantization: str, compiled: bool = False, spec: str = "tiny/llama", num_kv_blocks: int = 64):
+    config = EngineConfig(quantization=quantization, compile_decode=compiled,
+                          cache=CacheConfig(block_size=16, num_kv_blocks=num_kv_blocks),
+                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64))
+    loaded = load(spec, config, allow_download=False)
+    if compiled:  # one bucket (8), as tests/test_compiled_step.py: one compile per test run
+        runner = loaded.runner
+        runner.graphs = CompiledDecode(runner.model, runner.kv_caches, max_num_seqs=8, max_blocks_per_seq=runner.max_blocks_per_seq,
+                                       block_size=16, buckets=(8,), max_batch=8)
+    return loaded
+
+
+def linears(model) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, DynamicInt8Linear)):
+            kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
+    return kinds
+
+
+def test_int8_of_a_float_model_gives_close_logits_and_mostly_the_same_greedy_tokens(tiny_repos):
+    plain, int8 = engine("none"), engine("int8")
+    assert plain.precision == "float32" and int8.precision == "int8 (int8 fbgemm)"
+    assert linears(int8.runner.model) == {"DynamicInt8Linear": 2 * 7 + 1}  # every linear, the LM head too
+    torch.manual_seed(5)
+    hidden = torch.randn(1, 40, plain.runner.model.config.hidden_size)
+    with torch.inference_mode():
+        for part in ("model.layers.0.mlp", "model.layers.1.mlp", "lm_head"):
+            expected = plain.runner.model.get_submodule(part)(hidden)
+            got = int8.runner.model.get_submodule(part)(hidden)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0.02 * expected.abs().max().item())
+    prompts = random_prompts(plain.runner.model.config.vocab_size, LENGTHS, seed=6)
+    a, b = run(plain, prompts, 16), run(int8, prompts, 16)
+    same = sum(x == y for p, q in zip(a, b) for x, y in zip(p, q))
+    assert same >= 0.75 * sum(len(p) for p in a), (a, b)
+
+
+def test_compiled_decode_over_quantized_weights_gives_the_eager_quantized_tokens(tiny_repos):
+    eager, compiled = engine("int8"), engine("int8", compiled=True)
+    prompts = random_prompts(eager.runner.model.config.vocab_size, LENGTHS[:4], seed=7)
+    assert run(compiled, prompts[:1]) == run(eager, prompts[:1])
+    assert run(compiled, prompts, 24) == run(eager, prompts, 24)
+    assert compiled.runner.graphs.compiled == {8} and not compiled.runner.graphs.failed
+
+
+def test_a_tokens_result_does_not_depend_on_the_rest_of_the_batch():
+    """The same row alone or among others (a prefix-cached prompt, another batch) gives the same bits."""
+    torch.manual_seed(0)
+    linear = DynamicInt8Linear(torch.randn(96, 64), torch.randn(96), "int8")
+    x = torch.randn(7, 64)
+    x[3] = x[3].abs()  # a row with no negative values: alone, fbgemm would pick a different range
+    with torch.inference_mode():
+        together = linear(x)
+        assert all(torch.equal(linear(x[i:i + 1])[0], together[i]) for i in range(7))
+        expected = torch.nn.functional.linear(x, linear.dequantized_weight(), linear.bias)
+    torch.testing.assert_close(together, expected, rtol=0, atol=0.02 * expected.abs().max().item())
+
+
+def test_int8_is_refused_on_cuda_with_a_clear_error(tiny_repos):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    with pytest.raises(ValueError, match="CPU feature"):
+        quantize_model(model, "int8", "/nonexistent", torch.device("cuda"), torch.float32)
+    assert type(model[0]) is torch.nn.Linear
+
+
+def test_quantization_none_keeps_float_weights_of_a_float_model(tiny_repos):
+    assert engine("auto").precision == "float32"
+
+
+@pytest.mark.slow
+def test_a_served_gguf_keeps_its_weights_quantized(smollm2_dir):
+    """SmolLM2's GGUF (Q4_1, Q8_0 embedding) as the server loads it: every linear, the tied LM head too,
+    holds one byte per weight; the float32 left is the embedding table and the norms."""
+    loaded = engine("auto", spec="SmolLM2-135M-Instruct", num_kv_blocks=16)
+    model = loaded.runner.model
+    assert linears(model) == {"DynamicInt8Linear": 30 * 7 + 1}
+    assert loaded.precision == "Q4_1+Q8_0 (int8 fbgemm)"
+    packed = sum(m.nbytes() for m in model.modules() if isinstance(m, DynamicInt8Linear))
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 134e6 < packed < 137e6  # 134.5M weights, one byte each, and a scale per row
+    assert float_bytes < 115e6  # the 49152x576 embedding (113 MB) and the norms; float32 linears were 538 MB
