@@ -6,7 +6,7 @@ benchmark; the server drives the same two calls from the scheduler and executor 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from transerve.config import SchedulerConfig
 from transerve.engine.block_manager import BlockManager
@@ -17,8 +17,7 @@ from transerve.engine.stats import SchedulerStats
 from transerve.engine.step import NewRequest, SampledTokens, ScheduledStep
 
 
-@dataclass(frozen=True)
-class TokenOutput:
+class TokenOutput(NamedTuple):  # a tuple: one per token
     request_id: str
     token_id: int | None  # None when the request finished without a new token (aborted, failed)
     status: RequestStatus
@@ -78,39 +77,42 @@ class EngineCore:
         if not step.scheduled:
             return step, EMPTY_STEP
         new_requests = []
-        computed, scheduled, blocks, samples, bans = [], [], [], [], []
+        request_ids, computed, scheduled, blocks, samples, bans = [], [], [], [], [], []
         mask_rows, matchers = [], []
-        for i, item in enumerate(step.scheduled):
-            request = item.request
-            if item.is_new:
+        constrained = self.matchers
+        for i, (request, num_new_tokens, new_block_ids, is_new, sample) in enumerate(step.scheduled):
+            if is_new:
                 new_requests.append(NewRequest(request.request_id, tuple(request.prompt_token_ids),
                                                tuple(request.output_token_ids), request.sampling_params, request.seed,
                                                request.multimodal))
+            request_ids.append(request.request_id)
             computed.append(request.num_computed_tokens)
-            scheduled.append(item.num_new_tokens)
-            blocks.append(item.new_block_ids)
-            sample = item.samples
+            scheduled.append(num_new_tokens)
+            blocks.append(new_block_ids)
             samples.append(sample)
             bans.append(banned_token_ids(request) if sample and request.sampling_params.has_bans else ())
-            if sample and (matcher := self.matchers.get(request.request_id)) is not None and matcher.active:
+            if constrained and sample and (matcher := constrained.get(request.request_id)) is not None and matcher.active:
                 mask_rows.append(i)
                 matchers.append(matcher)
         freed, self.freed_request_ids = tuple(self.freed_request_ids), []
-        return step, ScheduledStep(tuple(new_requests), tuple(item.request.request_id for item in step.scheduled),
-                                   tuple(computed), tuple(scheduled), tuple(blocks), tuple(samples), tuple(bans), freed,
-                                   fill_bitmask(mask_rows, matchers))
+        return step, ScheduledStep(tuple(new_requests), tuple(request_ids), tuple(computed), tuple(scheduled), tuple(blocks),
+                                   tuple(samples), tuple(bans), freed, fill_bitmask(mask_rows, matchers))
 
     def apply(self, step: Step, sampled: SampledTokens) -> list[TokenOutput]:
         """Apply a step's sampled tokens; one output per new token, finished requests removed."""
         outputs = []
+        matchers = self.matchers
         for request in self.scheduler.update(step, sampled.token_ids):
-            outputs.append(self._output(request, request.output_token_ids[-1]))
-            if (matcher := self.matchers.get(request.request_id)) is not None:
-                matcher.accept(request.output_token_ids[-1])
+            token_id = request.output_token_ids[-1]
+            request_id = request.request_id
+            outputs.append(TokenOutput(request_id, token_id, request.status, len(request.prompt_token_ids),
+                                       request.num_cached_tokens))
+            if matchers and (matcher := matchers.get(request_id)) is not None:
+                matcher.accept(token_id)
             if request.status.is_finished:
-                del self.requests[request.request_id]
-                self.matchers.pop(request.request_id, None)
-                self.freed_request_ids.append(request.request_id)
+                del self.requests[request_id]
+                matchers.pop(request_id, None)
+                self.freed_request_ids.append(request_id)
         return outputs
 
     def fail(self, step: Step) -> list[TokenOutput]:

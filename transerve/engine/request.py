@@ -15,9 +15,12 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"  # max_tokens or the context length
     FINISHED_ABORTED = "abort"  # the client went away or the request failed
 
-    @property
-    def is_finished(self) -> bool:
-        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+    is_finished: bool  # set on each member below: read for every token, so a plain attribute
+
+
+for _status in RequestStatus:
+    _status.is_finished = _status not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+del _status
 
 
 class GrammarKind(enum.Enum):
