@@ -53,7 +53,7 @@ class IncrementalDecoder:
     text: str = ""  # everything decoded so far
     num_sent: int = 0  # characters of `text` already sent
     stopped: bool = False
-    fast: tuple | None = field(default=None, init=False)  # (backend tokenizer, DecodeStream) when it fits
+    fast: tuple | None = field(default=None, init=False, repr=False)  # (backend tokenizer, DecodeStream) when it fits
     longest_stop: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
