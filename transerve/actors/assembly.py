@@ -3,6 +3,7 @@ Whisper `Transcriber`. Runs in a worker thread, before any actor starts."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -37,12 +38,12 @@ class LoadedModel:
 def load(spec: str, config: EngineConfig, allow_download: bool, allow_local_paths: bool = True) -> LoadedModel | Transcriber:
     resolved = models.resolve(spec, allow_download=allow_download, allow_local_paths=allow_local_paths)
     path = models.materialize(resolved, config.trust_remote_code)
+    device = resolve_device(config.device)
+    config = dataclasses.replace(config, scheduler=config.scheduler.for_device(device.type))
     if is_speech_to_text(path):  # Whisper: served by the transcriber actor, not the paged text engine
-        device = resolve_device(config.device)
         return load_transcriber(spec, path, config, device, resolve_dtype(config.dtype, device))
     tokenizer = models.load_tokenizer(resolved, config.trust_remote_code)
     generation_config = models.load_generation_config(resolved)
-    device = resolve_device(config.device)
     model = load_model(path, config, device, resolve_dtype(config.dtype, device))
     text_config = model.config.get_text_config()
     max_model_len = getattr(text_config, "max_position_embeddings", None) or 4096
