@@ -35,21 +35,20 @@ class StreamShape(Protocol):
 async def stream(shape: StreamShape, first: RequestEvent, events: AsyncIterator[RequestEvent]) -> AsyncIterator[bytes]:
     """Every stream's loop: `first` (already taken, see first_event), then the rest; a failure ends the
     stream with the endpoint's own error chunks, never with a cut connection."""
-    # One write per event: a shape's chunks for it are joined (the bytes on the wire are the same).
-    if chunks := b"".join(shape.start()):
-        yield chunks
+    for chunk in shape.start():
+        yield chunk
     async with aclosing(events):
         event = first
         while event is not None:
             if isinstance(event, RequestError):
-                if chunks := b"".join(shape.failed(event)):
-                    yield chunks
+                for chunk in shape.failed(event):
+                    yield chunk
                 return
-            if chunks := b"".join(shape.delta(event)):
-                yield chunks
+            for chunk in shape.delta(event):
+                yield chunk
             event = await anext(events, None)
-    if chunks := b"".join(shape.ended()):
-        yield chunks
+    for chunk in shape.ended():
+        yield chunk
 
 
 
