@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from transerve.config import SchedulerConfig
+from transerve.engine import batch
 from transerve.engine.batch import Rows, pack_step, record_samples, update_states
 from transerve.engine.block_manager import BlockManager
 from transerve.engine.core import EngineCore
@@ -211,13 +212,14 @@ def test_finished_aborted_and_preempted_requests_are_freed_in_the_next_step():
     assert resumed.output_token_ids == tuple(outputs[preempted]) and resumed.output_token_ids  # recomputed, not lost
 
 
-def test_runner_state_kept_by_deltas_equals_the_core_requests_after_every_step():
+def test_runner_state_kept_by_deltas_equals_the_core_requests_after_every_step(monkeypatch):
     """Random arrivals, shared prefixes, chunked prefill, aborts, end of sequence and preemption: after
     every step, what the runner keeps from deltas is what the core's requests hold, its block table and
     sampling-parameter rows included (equal to a rebuild from the core's requests)."""
     rng = random.Random(0)
     seen = {"preempted": 0, "prefix_hits": 0, "aborted": 0, "chunked": 0, "decode_steps": 0}
     for trial in range(30):
+        monkeypatch.setattr(batch, "DECODE_ARRAYS_FROM", 1 if trial % 2 else 16)  # decode steps packed both ways
         core = EngineCore(SchedulerConfig(max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=rng.choice([8, 16, 64])),
                           num_kv_blocks=rng.choice([10, 16, 32]), block_size=4, max_model_len=64)
         prefixes = [[rng.randrange(1, 20) for _ in range(8)] for _ in range(2)]

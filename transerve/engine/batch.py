@@ -99,7 +99,8 @@ def update_states(states: dict[str, RequestState], rows: Rows, step: ScheduledSt
 
 def pack_step(states: dict[str, RequestState], rows: Rows, step: ScheduledStep, block_size: int) -> PackedStep:
     """Apply the step's block deltas and lay out its tokens (states must be updated for the step)."""
-    if step.num_scheduled_tokens.count(1) == step.num_requests and all(step.samples):
+    # A decode step of a few requests is cheaper request by request: numpy's fixed cost per call dominates.
+    if step.num_requests >= DECODE_ARRAYS_FROM and step.num_scheduled_tokens.count(1) == step.num_requests and all(step.samples):
         packed, sample_row_ids = _pack_decodes(states, rows, step, block_size)
         sample_index = range(step.num_requests)
     else:
@@ -138,6 +139,7 @@ def _pack_decodes(states: dict[str, RequestState], rows: Rows, step: ScheduledSt
     return packed, row_ids
 
 
+DECODE_ARRAYS_FROM = 16  # requests
 _row, _token_ids = operator.attrgetter("row"), operator.attrgetter("token_ids")
 
 
