@@ -11,4 +11,5 @@ NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A list (or nested list, or numpy array) as a `dtype` tensor on `device`."""
-    return torch.from_numpy(np.asarray(values, dtype=NUMPY_DTYPES[dtype])).to(device, non_blocking=True)
+    # Contiguous: a row of a gathered numpy array may be strided, and the kernel launchers check strides.
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=NUMPY_DTYPES[dtype])).to(device, non_blocking=True)
