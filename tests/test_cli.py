@@ -39,3 +39,15 @@ def test_help_lists_every_serve_flag():
     for flag in ("--host", "--port", "--device", "--dtype", "--force-model", "--max-num-seqs", "--max-model-len",
                  "--block-size", "--num-kv-blocks", "--gpu-memory-utilization", "--override-generation-config", "--log-level"):
         assert flag in result.stdout
+
+
+def test_batch_limits_left_unset_follow_the_device_and_flags_win():
+    from transerve.cli.main import build_parser
+    from transerve.cli.serve import config_from_args
+
+    unset = config_from_args(build_parser().parse_args(["serve", "--no-preload"])).engine.scheduler
+    assert (unset.for_device("cuda").max_num_seqs, unset.for_device("cuda").max_num_batched_tokens) == (256, 8192)
+    assert (unset.for_device("cpu").max_num_seqs, unset.for_device("cpu").max_num_batched_tokens) == (64, 1024)
+    given = config_from_args(build_parser().parse_args(["serve", "--max-num-seqs", "8", "--max-num-batched-tokens", "96"]))
+    assert given.engine.scheduler.for_device("cuda").max_num_seqs == 8
+    assert given.engine.scheduler.for_device("cuda").max_num_batched_tokens == 96

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 from transerve.config import SchedulerConfig
-from transerve.engine.batch import pack_step, record_samples, update_states
+from transerve.engine import batch
+from transerve.engine.batch import Rows, pack_step, record_samples, update_states
 from transerve.engine.block_manager import BlockManager
 from transerve.engine.core import EngineCore
 from transerve.engine.request import Request, RequestStatus, SamplingParams
@@ -211,20 +212,24 @@ def test_finished_aborted_and_preempted_requests_are_freed_in_the_next_step():
     assert resumed.output_token_ids == tuple(outputs[preempted]) and resumed.output_token_ids  # recomputed, not lost
 
 
-def test_runner_state_kept_by_deltas_equals_the_core_requests_after_every_step():
+def test_runner_state_kept_by_deltas_equals_the_core_requests_after_every_step(monkeypatch):
     """Random arrivals, shared prefixes, chunked prefill, aborts, end of sequence and preemption: after
-    every step, what the runner keeps from deltas is what the core's requests hold."""
+    every step, what the runner keeps from deltas is what the core's requests hold, its block table and
+    sampling-parameter rows included (equal to a rebuild from the core's requests)."""
     rng = random.Random(0)
-    seen = {"preempted": 0, "prefix_hits": 0, "aborted": 0, "chunked": 0}
+    seen = {"preempted": 0, "prefix_hits": 0, "aborted": 0, "chunked": 0, "decode_steps": 0}
     for trial in range(30):
+        monkeypatch.setattr(batch, "DECODE_ARRAYS_FROM", 1 if trial % 2 else 16)  # decode steps packed both ways
         core = EngineCore(SchedulerConfig(max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=rng.choice([8, 16, 64])),
                           num_kv_blocks=rng.choice([10, 16, 32]), block_size=4, max_model_len=64)
         prefixes = [[rng.randrange(1, 20) for _ in range(8)] for _ in range(2)]
         states: dict = {}
+        rows = Rows(max_blocks_per_seq=16, num_rows=2)  # grows as requests arrive
         for i in range(rng.randint(4, 12)):
             prompt = rng.choice(prefixes)[: rng.randint(0, 8)] + [rng.randrange(1, 20) for _ in range(rng.randint(1, 12))]
-            core.add_request(Request(f"{trial}-{i}", prompt, SamplingParams(max_tokens=rng.randint(1, 12)), seed=i,
-                                     eos_token_ids=frozenset({0})))
+            params = SamplingParams(max_tokens=rng.randint(1, 12), temperature=rng.choice([0.0, 0.5, 1.0]),
+                                    top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.9]), min_p=rng.choice([0.0, 0.1]))
+            core.add_request(Request(f"{trial}-{i}", prompt, params, seed=rng.randrange(2**62), eos_token_ids=frozenset({0})))
         while core.has_work():
             if core.requests and rng.random() < 0.03:
                 core.abort(rng.choice(sorted(core.requests)))
@@ -234,8 +239,8 @@ def test_runner_state_kept_by_deltas_equals_the_core_requests_after_every_step()
             seen["preempted"] += step.num_preempted
             if not scheduled.num_requests:
                 continue
-            update_states(states, scheduled)
-            packed = pack_step(states, scheduled, 4)
+            update_states(states, rows, scheduled)
+            packed = pack_step(states, rows, scheduled, 4)
             assert set(states) == {r.request_id for r in core.scheduler.running}
             for item, (state, start, n) in zip(step.scheduled, packed.chunks):
                 r = item.request
@@ -247,8 +252,25 @@ def test_runner_state_kept_by_deltas_equals_the_core_requests_after_every_step()
                 item.request.num_computed_tokens, item.request.num_computed_tokens + item.num_new_tokens)]
             assert packed.slots == [r.block_ids[p // 4] * 4 + p % 4 for item in step.scheduled if (r := item.request)
                                     for p in range(r.num_computed_tokens, r.num_computed_tokens + item.num_new_tokens)]
+            lengths = [item.num_new_tokens for item in step.scheduled]
+            assert packed.positions == [p for item in step.scheduled for p in range(
+                item.request.num_computed_tokens, item.request.num_computed_tokens + item.num_new_tokens)]
+            assert packed.seq_lens == [item.request.num_computed_tokens + item.num_new_tokens for item in step.scheduled]
+            assert packed.query_start_loc == [sum(lengths[:k]) for k in range(len(lengths) + 1)]
+            assert packed.sample_rows == [sum(lengths[: k + 1]) - 1 for k, item in enumerate(step.scheduled) if item.samples]
+            assert packed.bans == [b for b, sample in zip(scheduled.banned_token_ids, scheduled.samples) if sample]
+            seen["decode_steps"] += set(lengths) == {1} and all(scheduled.samples)
+            width = max(len(item.request.block_ids) for item in step.scheduled)
+            assert packed.block_tables.tolist() == [item.request.block_ids + [0] * (width - len(item.request.block_ids))
+                                                    for item in step.scheduled]
+            requests = [core.requests[s.request_id] for s in packed.sampled]
+            assert [list(column) for column in packed.sampling] == [
+                [r.sampling_params.temperature for r in requests], [r.sampling_params.top_k for r in requests],
+                [r.sampling_params.top_p for r in requests], [r.sampling_params.min_p for r in requests],
+                [r.seed for r in requests], [len(r.output_token_ids) for r in requests],
+            ] if requests else packed.sampling == ()
             sampled = SampledTokens({s.request_id: rng.randrange(20) for s in packed.sampled})
-            record_samples(packed, sampled)
+            record_samples(packed, rows, sampled)
             core.apply(step, sampled)
         assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
     assert all(seen.values()), seen

@@ -3,6 +3,7 @@ Whisper `Transcriber`, or an `Embedder` (an embedding model, no KV cache). Runs 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +42,9 @@ def load(spec: str, config: EngineConfig, allow_download: bool,
          allow_local_paths: bool = True) -> LoadedModel | Transcriber | Embedder:
     resolved = models.resolve(spec, allow_download=allow_download, allow_local_paths=allow_local_paths)
     path = models.materialize(resolved, config.trust_remote_code)
+    device = resolve_device(config.device)
+    config = dataclasses.replace(config, scheduler=config.scheduler.for_device(device.type))
     if is_speech_to_text(path):  # Whisper: served by the transcriber actor, not the paged text engine
-        device = resolve_device(config.device)
         return load_transcriber(spec, path, config, device, resolve_dtype(config.dtype, device))
     if (pooling := pooling_spec(path)) is not None:  # served by the embedder actor, without a KV cache
         device = resolve_device(config.device)

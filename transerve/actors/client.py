@@ -101,7 +101,18 @@ class EngineClient:
                     trackers.fail()
                     yield RequestError("this model was just unloaded; send the request again", 503)
                     return
-                async for event in source:
+                while True:
+                    # What is already there is taken without awaiting: `receive()` costs an event-loop
+                    # round trip (a checkpoint) per event even when one is waiting.
+                    try:
+                        event = source.receive_nowait()
+                    except anyio.WouldBlock:
+                        try:
+                            event = await source.receive()
+                        except anyio.EndOfStream:
+                            break
+                    except anyio.EndOfStream:
+                        break
                     trackers.on_event(event)
                     yield event
         finally:

@@ -16,7 +16,21 @@ from transerve.actors.output_parser import OutputParser
 from transerve.actors.tool_formats import marker_tokens
 from transerve.engine.step import SampledLogprobs
 
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers before 0.21
+    DecodeStream = None
+
 log = logging.getLogger(__name__)
+
+
+def decode_stream_for(tokenizer, skip_special_tokens: bool):
+    """A `tokenizers` DecodeStream when it gives exactly what `tokenizer.decode` gives (a fast tokenizer
+    without transformers' clean-up pass), else None: the windowed decode below serves the others."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if DecodeStream is None or backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True) is not False:
+        return None
+    return backend, DecodeStream(skip_special_tokens=skip_special_tokens)
 
 
 @dataclass
@@ -24,7 +38,9 @@ class IncrementalDecoder:
     """Turns a growing list of token ids into text deltas that concatenate to decode(all ids).
 
     Decoding a window of recent tokens and diffing it with the window minus the newest tokens keeps
-    multi-byte characters and word-initial spaces right; a trailing U+FFFD means wait for more."""
+    multi-byte characters and word-initial spaces right; a trailing U+FFFD means wait for more. A fast
+    tokenizer's DecodeStream runs that same algorithm in Rust (~10x cheaper per token); should it ever
+    refuse a token, the window decode here takes over from where it stood."""
 
     tokenizer: object
     stop: tuple[str, ...] = ()
@@ -38,18 +54,22 @@ class IncrementalDecoder:
     num_sent: int = 0  # characters of `text` already sent
     stopped: bool = False
     matched: str | None = None  # the stop string that ended the text
+    fast: tuple | None = field(default=None, init=False, repr=False)  # (backend tokenizer, DecodeStream) when it fits
+    longest_stop: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.fast = decode_stream_for(self.tokenizer, skip_special_tokens=self.hidden_ids is None)
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
 
     def add(self, token_id: int) -> None:
         if self.stopped:
             return
         self.token_ids.append(token_id)
-        decode = self._decode
-        prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset])
-        new_text = decode(self.token_ids[self.prefix_offset :])
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+        piece = self._next_piece(token_id)
+        if not piece:
             return
-        start = max(len(self.text) - max((len(s) for s in self.stop), default=0), 0)
-        self.text += new_text[len(prefix_text) :]
+        start = max(len(self.text) - self.longest_stop, 0)
+        self.text += piece
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
         for stop in self.stop:
             index = self.text.find(stop, start)
@@ -57,6 +77,23 @@ class IncrementalDecoder:
                 self.text = self.text[:index]
                 self.stopped, self.matched = True, stop
                 start = 0  # a later stop string may still match earlier in the text
+
+    def _next_piece(self, token_id: int) -> str | None:
+        """The text the newest token completes, if any."""
+        if self.fast is not None:
+            if self.hidden_ids is not None and token_id in self.hidden_ids:
+                return None
+            backend, stream = self.fast
+            try:
+                return stream.step(backend, token_id)
+            except Exception:  # e.g. a decode that does not extend the previous one: the window decode copes
+                self.fast = None
+        decode = self._decode
+        prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset])
+        new_text = decode(self.token_ids[self.prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return None
+        return new_text[len(prefix_text) :]
 
     def _decode(self, ids: list[int]) -> str:
         if self.hidden_ids is None:
@@ -67,8 +104,7 @@ class IncrementalDecoder:
         """Text that is safe to send: all of it when final, else all but a possible stop-string prefix."""
         end = len(self.text)
         if not final and not self.stopped and self.stop:
-            longest = max(len(s) for s in self.stop)
-            for cut in range(max(self.num_sent, end - longest + 1), end):  # hold back the longest match
+            for cut in range(max(self.num_sent, end - self.longest_stop + 1), end):  # hold back the longest match
                 if any(s.startswith(self.text[cut:]) for s in self.stop):
                     end = cut
                     break

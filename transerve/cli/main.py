@@ -28,9 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                        help="weights and KV cache dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    serve.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch (default: 64)")
-    serve.add_argument("--max-num-batched-tokens", type=int, default=1024,
-                       help="token budget of one step; longer prompts are prefilled in chunks (default: 1024)")
+    serve.add_argument("--max-num-seqs", type=int, default=None,
+                       help="most requests in one batch (default: 64 on CPU, 256 on CUDA)")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help="token budget of one step; longer prompts are prefilled in chunks (default: 1024 on CPU, 8192 on CUDA)")
     serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default: 16)")
     serve.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")

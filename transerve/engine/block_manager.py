@@ -72,8 +72,11 @@ class BlockManager:
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
         """Make room for `num_new_tokens` more tokens; False (and nothing changed) if blocks run out."""
-        needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
-        if needed > self.num_free_blocks:
+        num_tokens = request.num_computed_tokens + num_new_tokens
+        if num_tokens <= len(request.block_ids) * self.block_size:  # most decodes: the last block has room
+            return True
+        needed = -(-num_tokens // self.block_size) - len(request.block_ids)
+        if needed > len(self.free_block_ids):
             return False
         for _ in range(needed):
             request.block_ids.append(self._take_free_block())

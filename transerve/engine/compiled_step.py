@@ -25,6 +25,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from transerve.engine.attention import PagedBatch
@@ -122,12 +123,12 @@ class CompiledDecode:
         return None if i is None else self.buckets[i]
 
     @torch.inference_mode()
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: np.ndarray,
             seq_lens: list[int]) -> torch.Tensor | None:  # [num_seqs, vocab_size] float32
         n = len(input_ids)
         bs = self.bucket(n)
         assert bs is not None
-        width = max(len(row) for row in block_tables)
+        width = block_tables.shape[1]
         pad = bs - n
         self.input_ids[:bs] = torch.tensor(input_ids + input_ids[-1:] * pad)
         self.positions[:bs] = torch.tensor(positions + positions[-1:] * pad)
@@ -135,7 +136,7 @@ class CompiledDecode:
         self.src_row[n:bs] = n - 1
         self.src_row[:n] = torch.arange(n)
         self.seq_lens[:bs] = torch.tensor(seq_lens + seq_lens[-1:] * pad)
-        self.block_tables[:n, :width] = torch.tensor([row + [0] * (width - len(row)) for row in block_tables], dtype=torch.int32)
+        self.block_tables[:n, :width] = torch.from_numpy(block_tables)
         self.block_tables[n:bs] = self.block_tables[n - 1]
         ctx_pos = self.ctx_pos[: max(seq_lens)]
         torch._dynamo.mark_dynamic(ctx_pos, 0, min=2, max=len(self.ctx_pos))

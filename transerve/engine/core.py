@@ -6,7 +6,8 @@ benchmark; the server drives the same two calls from the scheduler and executor 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
+from typing import NamedTuple
 
 from transerve.config import SchedulerConfig
 from transerve.engine.block_manager import BlockManager
@@ -17,8 +18,7 @@ from transerve.engine.stats import SchedulerStats
 from transerve.engine.step import NewRequest, SampledTokens, ScheduledStep
 
 
-@dataclass(frozen=True)
-class TokenOutput:
+class TokenOutput(NamedTuple):  # a tuple: one per token
     request_id: str
     token_id: int | None  # None when the request finished without a new token (aborted, failed)
     status: RequestStatus
@@ -77,40 +77,38 @@ class EngineCore:
         self.freed_request_ids.extend(step.preempted_request_ids)
         if not step.scheduled:
             return step, EMPTY_STEP
-        new_requests = []
-        computed, scheduled, blocks, samples, bans = [], [], [], [], []
+        # Column by column (C-level getters): this runs for every request in every step.
+        requests, num_new_tokens, new_block_ids, is_new, samples = zip(*step.scheduled)
+        new_requests = tuple(NewRequest(r.request_id, tuple(r.prompt_token_ids), tuple(r.output_token_ids), r.sampling_params,
+                                        r.seed, r.multimodal) for r, new in zip(requests, is_new) if new) if any(is_new) else ()
+        bans = ((),) * len(requests)
+        if any(map(_has_bans, requests)):
+            bans = tuple(banned_token_ids(r) if sample and r.sampling_params.has_bans else () for r, sample in zip(requests, samples))
         mask_rows, matchers = [], []
-        for i, item in enumerate(step.scheduled):
-            request = item.request
-            if item.is_new:
-                new_requests.append(NewRequest(request.request_id, tuple(request.prompt_token_ids),
-                                               tuple(request.output_token_ids), request.sampling_params, request.seed,
-                                               request.multimodal))
-            computed.append(request.num_computed_tokens)
-            scheduled.append(item.num_new_tokens)
-            blocks.append(item.new_block_ids)
-            sample = item.samples
-            samples.append(sample)
-            bans.append(banned_token_ids(request) if sample and request.sampling_params.has_bans else ())
-            if sample and (matcher := self.matchers.get(request.request_id)) is not None and matcher.active:
-                mask_rows.append(i)
-                matchers.append(matcher)
+        if self.matchers:
+            for i, (request, sample) in enumerate(zip(requests, samples)):
+                if sample and (matcher := self.matchers.get(request.request_id)) is not None and matcher.active:
+                    mask_rows.append(i)
+                    matchers.append(matcher)
         freed, self.freed_request_ids = tuple(self.freed_request_ids), []
-        return step, ScheduledStep(tuple(new_requests), tuple(item.request.request_id for item in step.scheduled),
-                                   tuple(computed), tuple(scheduled), tuple(blocks), tuple(samples), tuple(bans), freed,
-                                   fill_bitmask(mask_rows, matchers))
+        return step, ScheduledStep(new_requests, tuple(map(_request_id, requests)), tuple(map(_num_computed, requests)),
+                                   num_new_tokens, new_block_ids, samples, bans, freed, fill_bitmask(mask_rows, matchers))
 
     def apply(self, step: Step, sampled: SampledTokens) -> list[TokenOutput]:
         """Apply a step's sampled tokens; one output per new token, finished requests removed."""
         outputs = []
+        matchers = self.matchers
         for request in self.scheduler.update(step, sampled.token_ids):
-            outputs.append(self._output(request, request.output_token_ids[-1]))
-            if (matcher := self.matchers.get(request.request_id)) is not None:
-                matcher.accept(request.output_token_ids[-1])
+            token_id = request.output_token_ids[-1]
+            request_id = request.request_id
+            outputs.append(TokenOutput(request_id, token_id, request.status, len(request.prompt_token_ids),
+                                       request.num_cached_tokens))
+            if matchers and (matcher := matchers.get(request_id)) is not None:
+                matcher.accept(token_id)
             if request.status.is_finished:
-                del self.requests[request.request_id]
-                self.matchers.pop(request.request_id, None)
-                self.freed_request_ids.append(request.request_id)
+                del self.requests[request_id]
+                matchers.pop(request_id, None)
+                self.freed_request_ids.append(request_id)
         return outputs
 
     def fail(self, step: Step) -> list[TokenOutput]:
@@ -129,6 +127,8 @@ class EngineCore:
 
 
 EMPTY_STEP = ScheduledStep((), (), (), (), (), (), ())
+_request_id, _num_computed = operator.attrgetter("request_id"), operator.attrgetter("num_computed_tokens")
+_has_bans = operator.attrgetter("sampling_params.has_bans")
 
 
 def generate(core: EngineCore, runner, requests: list[Request]) -> dict[str, list[int]]:

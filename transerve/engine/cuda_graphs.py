@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 from typing import Callable
 
+import numpy as np
 import torch
 
 from transerve.engine.attention import PagedBatch
@@ -89,16 +90,16 @@ class DecodeGraphs:
         self.block_tables[n:] = 0
 
     @torch.inference_mode()
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: np.ndarray,
             seq_lens: list[int]) -> torch.Tensor:  # [num_seqs, vocab_size] float32
         n = len(input_ids)
         bs = self.bucket(n)
         assert bs is not None and len(positions) == len(slots) == len(block_tables) == len(seq_lens) == n
-        width = max(len(row) for row in block_tables)
-        tables = torch.tensor([row + [0] * (width - len(row)) for row in block_tables], dtype=torch.int32)
+        width = block_tables.shape[1]
+        tables = torch.from_numpy(block_tables)
         # Stage everything in one pinned buffer: one host-to-device copy per step instead of five.
-        staged = torch.tensor(input_ids + positions + slots + seq_lens, dtype=torch.int64).pin_memory() \
-            if self.device.type == "cuda" else torch.tensor(input_ids + positions + slots + seq_lens, dtype=torch.int64)
+        staged = torch.from_numpy(np.array(input_ids + positions + slots + seq_lens, dtype=np.int64))
+        staged = staged.pin_memory() if self.device.type == "cuda" else staged
         staged = staged.to(self.device, non_blocking=True)
         self.input_ids[:n].copy_(staged[:n])
         self.positions[:n].copy_(staged[n : 2 * n])

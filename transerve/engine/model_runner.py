@@ -13,9 +13,10 @@ import torch
 
 from transerve.config import EngineConfig
 from transerve.engine.attention import PagedBatch
-from transerve.engine.batch import RequestState, pack_step, record_samples, update_states
+from transerve.engine.batch import PackedStep, RequestState, Rows, pack_step, record_samples, update_states
 from transerve.engine.compiled_step import CompiledDecode
 from transerve.engine.cuda_graphs import DecodeGraphs
+from transerve.engine.host_tensors import to_device
 from transerve.engine.kv_sizing import kv_shape
 from transerve.engine.multimodal import MultimodalRunner, is_vision_language
 from transerve.engine.sampling import sample_step
@@ -40,6 +41,7 @@ class ModelRunner:
         ]
         self.write_kv, self.paged_attention, self.sample = kernels_for(self.device)
         self.requests: dict[str, RequestState] = {}  # what the runner keeps between steps
+        self.rows = Rows(self.max_blocks_per_seq, config.scheduler.max_num_seqs)
         self.graphs = None
         # A VLM's image half; None for text models, whose steps stay exactly as they were.
         self.multimodal = MultimodalRunner(model) if is_vision_language(model.config) else None
@@ -62,17 +64,35 @@ class ModelRunner:
         return graphs
 
     @torch.inference_mode()
+    def prepare(self, step: ScheduledStep) -> PackedStep:
+        """Apply the step's deltas to the per-request state and pack its inputs (every TP rank does this)."""
+        update_states(self.requests, self.rows, step)
+        return pack_step(self.requests, self.rows, step, self.block_size)
+
+    def paged_batch(self, packed: PackedStep) -> PagedBatch:
+        def tensor(values, dtype):
+            return to_device(values, dtype, self.device)
+
+        return PagedBatch(
+            kv_caches=self.kv_caches,
+            slot_mapping=tensor(packed.slots, torch.int64),
+            block_tables=tensor(packed.block_tables, torch.int32),
+            seq_lens=tensor(packed.seq_lens, torch.int32),
+            query_start_loc=tensor(packed.query_start_loc, torch.int32),
+            write_kv=self.write_kv,
+            paged_attention=self.paged_attention,
+        )
+
     def execute(self, step: ScheduledStep) -> SampledTokens:
         """Run one step; returns the token sampled for every request whose chunk samples (and appends it to
         the request's tokens here), with logprobs for those that asked."""
-        update_states(self.requests, step)
-        packed = pack_step(self.requests, step, self.block_size)
+        packed = self.prepare(step)
         input_ids, positions = packed.input_ids, packed.positions
         # Only partial prefill chunks: fill the cache, sample nothing (the LM head still wants a row).
         keep = packed.sample_rows or [len(input_ids) - 1]
 
         def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+            return to_device(values, dtype, self.device)
 
         mm_inputs = None
         if self.multimodal is not None:  # image embeddings, M-RoPE positions
@@ -83,15 +103,7 @@ class ModelRunner:
             # A pure decode step (None: its compile failed, and it runs eagerly below).
             logits = self.graphs.run(input_ids, positions, packed.slots, packed.block_tables, packed.seq_lens)
         if logits is None:
-            batch = PagedBatch(
-                kv_caches=self.kv_caches,
-                slot_mapping=tensor(packed.slots, torch.int64),
-                block_tables=tensor(packed.block_tables, torch.int32),
-                seq_lens=tensor(packed.seq_lens, torch.int32),
-                query_start_loc=tensor(packed.query_start_loc, torch.int32),
-                write_kv=self.write_kv,
-                paged_attention=self.paged_attention,
-            )
+            batch = self.paged_batch(packed)
             logits = self.model(
                 **(mm_inputs or {"input_ids": tensor([input_ids], torch.int64), "position_ids": tensor([positions], torch.int64)}),
                 logits_to_keep=tensor(keep, torch.int64),
@@ -101,6 +113,6 @@ class ModelRunner:
         if not packed.sampled:
             return SampledTokens()
         # contiguous: the CPU LM head may hand back a transposed view (engine/cpu_linear.py).
-        sampled = sample_step(self.sample, logits.float().contiguous(), packed.sampled, packed.bans, packed.bitmask)
-        record_samples(packed, sampled)
+        sampled = sample_step(self.sample, logits.float().contiguous(), packed)
+        record_samples(packed, self.rows, sampled)
         return sampled

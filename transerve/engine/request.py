@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +16,12 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"  # max_tokens or the context length
     FINISHED_ABORTED = "abort"  # the client went away or the request failed
 
-    @property
-    def is_finished(self) -> bool:
-        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+    is_finished: bool  # set on each member below: read for every token, so a plain attribute
+
+
+for _status in RequestStatus:
+    _status.is_finished = _status not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+del _status
 
 
 class GrammarKind(enum.Enum):
@@ -60,11 +64,12 @@ class SamplingParams:
     bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences never to complete
     grammar: GrammarSpec | None = None  # constrained decoding: only tokens that keep the output in the grammar
 
-    @property
+    # Cached (read for every request in every step); a frozen dataclass keeps them true.
+    @functools.cached_property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
-    @property
+    @functools.cached_property
     def has_bans(self) -> bool:
         """Whether banned tokens depend on the request's tokens so far (recomputed every step)."""
         return self.min_tokens > 0 or self.no_repeat_ngram_size > 0 or bool(self.bad_words_ids)

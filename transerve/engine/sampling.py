@@ -10,36 +10,38 @@ from typing import Callable
 
 import torch
 
-from transerve.engine.batch import RequestState
-from transerve.engine.step import SampledLogprobs, SampledTokens, TokenBitmask
+from transerve.engine.batch import PackedStep
+from transerve.engine.host_tensors import to_device
+from transerve.engine.step import SampledLogprobs, SampledTokens
 from transerve.kernels import apply_token_bitmask
 
 
-def sample_step(sample: Callable, logits: torch.Tensor, requests: list[RequestState],
-                bans: list[tuple[int, ...]], bitmask: TokenBitmask | None = None) -> SampledTokens:
-    """One kernel call for the whole step. `logits` is [len(requests), vocab] float32, row i for requests[i],
-    whose banned tokens this step are bans[i]; the bitmask (constrained decoding) masks its rows' logits
-    after logit_bias and before the sampling kernel, so logprobs are those of the masked distribution."""
+def sample_step(sample: Callable, logits: torch.Tensor, packed: PackedStep) -> SampledTokens:
+    """One kernel call for the whole step. `logits` is [len(packed.sampled), vocab] float32, row i for
+    packed.sampled[i], whose banned tokens this step are packed.bans[i]; the bitmask (constrained decoding)
+    masks its rows' logits after logit_bias and before the sampling kernel, so logprobs are those of the
+    masked distribution. The kernel's per-request inputs come gathered in packed.sampling."""
     device = logits.device
+    requests, bans, bitmask = packed.sampled, packed.bans, packed.bitmask
 
     def tensor(values, dtype):
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        return to_device(values, dtype, device)
 
-    rows: list[int] = []
-    cols: list[int] = []
-    values: list[float] = []
-    for row, (request, banned) in enumerate(zip(requests, bans)):
-        for token_id, bias in request.params.logit_bias:
-            rows.append(row), cols.append(token_id), values.append(bias)
-        for token_id in banned:
-            rows.append(row), cols.append(token_id), values.append(float("-inf"))
-    if rows:  # logit_bias and bans are sparse: one scatter, not a dense [requests, vocab] bias
+    params = [r.params for r in requests]
+    if any(bans) or any(p.logit_bias for p in params):  # sparse: one scatter, not a dense [requests, vocab] bias
+        rows: list[int] = []
+        cols: list[int] = []
+        values: list[float] = []
+        for row, (p, banned) in enumerate(zip(params, bans)):
+            for token_id, bias in p.logit_bias:
+                rows.append(row), cols.append(token_id), values.append(bias)
+            for token_id in banned:
+                rows.append(row), cols.append(token_id), values.append(float("-inf"))
         logits = logits.index_put((tensor(rows, torch.int64), tensor(cols, torch.int64)),
                                   tensor(values, torch.float32), accumulate=True)
     if bitmask is not None:
         words = torch.from_numpy(bitmask.words).to(device, non_blocking=True)
         logits = apply_token_bitmask(logits, words, tensor(bitmask.rows, torch.int64))
-    params = [r.params for r in requests]
     kwargs = {}
     if any(p.has_penalties for p in params):
         kwargs.update(
@@ -53,14 +55,15 @@ def sample_step(sample: Callable, logits: torch.Tensor, requests: list[RequestSt
     wanted = [p.num_logprobs for p in params if p.num_logprobs is not None]
     if wanted:
         kwargs["num_logprobs"] = max(wanted)
+    temperature, top_k, top_p, min_p, seeds, num_output_tokens = packed.sampling
     out = sample(
         logits,
-        tensor([p.temperature for p in params], torch.float32),
-        tensor([p.top_k for p in params], torch.int32),
-        tensor([p.top_p for p in params], torch.float32),
-        tensor([p.min_p for p in params], torch.float32),
-        tensor([r.seed for r in requests], torch.int64),
-        tensor([r.num_output_tokens for r in requests], torch.int64),
+        tensor(temperature, torch.float32),
+        tensor(top_k, torch.int32),
+        tensor(top_p, torch.float32),
+        tensor(min_p, torch.float32),
+        tensor(seeds, torch.int64),
+        tensor(num_output_tokens, torch.int64),
         **kwargs,
     )
     if not wanted:

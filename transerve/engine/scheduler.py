@@ -11,23 +11,19 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from transerve.config import SchedulerConfig
 from transerve.engine.block_manager import BlockManager
 from transerve.engine.request import Request, RequestStatus
 
 
-@dataclass(frozen=True)
-class ScheduledRequest:
+class ScheduledRequest(NamedTuple):  # a tuple: hundreds are made per step
     request: Request
     num_new_tokens: int
     new_block_ids: tuple[int, ...]  # blocks allocated this step; all of a newly admitted request's blocks
     is_new: bool  # admitted this step (fresh, or resumed after preemption): the runner has no state for it
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the request's tokens, so its last logits are sampled."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    samples: bool  # the chunk reaches the end of the request's tokens, so its last logits are sampled
 
 
 @dataclass(frozen=True)
@@ -64,19 +60,24 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
 
+        allocate_slots = self.block_manager.allocate_slots
+        running = self.running
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+        while i < len(running) and budget > 0:
+            request = running[i]
+            num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)
+            num_new = min(num_tokens - request.num_computed_tokens, budget)
             num_blocks = len(request.block_ids)
-            while not self.block_manager.allocate_slots(request, num_new):
-                victim = self.running.pop()
+            while not allocate_slots(request, num_new):
+                victim = running.pop()
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is request:
                     break
             else:
-                scheduled.append(ScheduledRequest(request, num_new, tuple(request.block_ids[num_blocks:]), False))
+                new_blocks = tuple(request.block_ids[num_blocks:]) if len(request.block_ids) > num_blocks else ()
+                samples = request.num_computed_tokens + num_new == num_tokens
+                scheduled.append(ScheduledRequest(request, num_new, new_blocks, False, samples))
                 budget -= num_new
                 i += 1
 
@@ -90,7 +91,8 @@ class Scheduler:
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled.append(ScheduledRequest(request, num_new, tuple(request.block_ids), True))
+            samples = request.num_computed_tokens + num_new == request.num_tokens
+            scheduled.append(ScheduledRequest(request, num_new, tuple(request.block_ids), True, samples))
             budget -= num_new
         return Step(tuple(scheduled), tuple(preempted))
 
@@ -106,11 +108,12 @@ class Scheduler:
 
         Returns the requests that produced a token this step, finished or not."""
         produced = []
-        for item in step.scheduled:
-            request = item.request
-            if request.status is not RequestStatus.RUNNING:
+        running = RequestStatus.RUNNING
+        cache_full_blocks = self.block_manager.cache_full_blocks if self.block_manager.enable_prefix_caching else None
+        for request, num_new_tokens, _, _, _ in step.scheduled:
+            if request.status is not running:
                 continue  # aborted while the step ran
-            request.num_computed_tokens += item.num_new_tokens
+            request.num_computed_tokens += num_new_tokens
             token_id = sampled.get(request.request_id)
             if token_id is not None:
                 request.output_token_ids.append(token_id)
@@ -119,14 +122,16 @@ class Scheduler:
                 if status is not None:
                     self.finish(request, status)
                     continue
-            self.block_manager.cache_full_blocks(request)
+            if cache_full_blocks is not None:
+                cache_full_blocks(request)
         return produced
 
     def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params
         if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in request.eos_token_ids):
             return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        num_output_tokens = len(request.output_token_ids)
+        if num_output_tokens >= params.max_tokens or len(request.prompt_token_ids) + num_output_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

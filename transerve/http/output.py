@@ -11,7 +11,7 @@ from typing import ClassVar, Protocol
 
 from transerve.actors.messages import RequestError, RequestEvent, TextDelta, TokenLogprob, ToolCallDelta, Usage
 from transerve.http.errors import OpenAIError, error_body
-from transerve.http.sse import DONE, sse
+from transerve.http.sse import DONE, compact_json, sse
 
 
 async def first_event(events: AsyncIterator[RequestEvent]) -> RequestEvent:
@@ -61,12 +61,14 @@ class ChoiceChunks:
     def __init__(self, meta: dict, num_choices: int, n: int, include_usage: bool, logprobs: bool) -> None:
         self.meta, self.n, self.include_usage, self.logprobs = meta, n, include_usage, logprobs
         self.usages: list[Usage | None] = [None] * num_choices
+        # Every chunk is `{**meta, "object", "choices": [choice], "usage": null when asked}`: only the choice
+        # changes, so the frame around it is encoded once.
+        head = compact_json({**meta, "object": self.OBJECT})
+        self.chunk_head = f"data: {head[:-1]},\"choices\":[".encode()
+        self.chunk_tail = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
 
     def choice_chunk(self, choice: dict) -> bytes:
-        body = {**self.meta, "object": self.OBJECT, "choices": [choice]}
-        if self.include_usage:
-            body["usage"] = None
-        return sse(body)
+        return self.chunk_head + compact_json(choice).encode() + self.chunk_tail
 
     def failed(self, error: RequestError) -> list[bytes]:
         return [sse(error_body(error.message, error.status_code, error.param)), DONE]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 
+compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # the JSON of every body we stream
+
+
 def sse(data: dict | str, event: str | None = None) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    payload = data if isinstance(data, str) else compact_json(data)
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {payload}\n\n".encode()
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from transerve.engine.attention import PagedBatch
-from transerve.engine.batch import pack_step, update_states
+from transerve.engine.batch import PackedStep, record_samples
+from transerve.engine.host_tensors import to_device
 from transerve.engine.model_runner import ModelRunner
 from transerve.engine.step import SampledTokens, ScheduledStep
 
@@ -70,6 +70,7 @@ class TensorParallelRunner:
 def serve_steps(runner: ModelRunner, receive) -> None:
     """A worker's loop: run every step rank 0 sends until it sends None or is gone (`receive` raises EOFError)."""
     decoder = runner.model.get_decoder()
+    last: PackedStep | None = None
     while True:
         try:
             message = pickle.loads(receive())
@@ -79,30 +80,18 @@ def serve_steps(runner: ModelRunner, receive) -> None:
         if message is None:
             return
         step, sampled = message
-        forward_shard(runner, decoder, step, sampled)
+        last = forward_shard(runner, decoder, step, last, sampled)
 
 
 @torch.inference_mode()
-def forward_shard(runner: ModelRunner, decoder, step: ScheduledStep, sampled: Mapping[str, int]) -> None:
-    """Run `step` on this rank's shard, up to the hidden states (no LM head: only rank 0 samples)."""
-    states = runner.requests
-    for request_id, token_id in sampled.items():  # before the step frees any of them, as rank 0 did
-        if (state := states.get(request_id)) is not None:
-            state.token_ids.append(token_id)
-    update_states(states, step)
-    packed = pack_step(states, step, runner.block_size)
-
-    def tensor(values, dtype):
-        return torch.tensor(values, dtype=dtype).to(runner.device, non_blocking=True)
-
-    batch = PagedBatch(
-        kv_caches=runner.kv_caches,
-        slot_mapping=tensor(packed.slots, torch.int64),
-        block_tables=tensor(packed.block_tables, torch.int32),
-        seq_lens=tensor(packed.seq_lens, torch.int32),
-        query_start_loc=tensor(packed.query_start_loc, torch.int32),
-        write_kv=runner.write_kv,
-        paged_attention=runner.paged_attention,
-    )
-    decoder(input_ids=tensor([packed.input_ids], torch.int64), position_ids=tensor([packed.positions], torch.int64),
-            use_cache=False, paged_batch=batch)
+def forward_shard(runner: ModelRunner, decoder, step: ScheduledStep, last: PackedStep | None,
+                  sampled: Mapping[str, int]) -> PackedStep:
+    """Run `step` on this rank's shard, up to the hidden states (no LM head: only rank 0 samples).
+    `last` and `sampled`: the step before and what rank 0 sampled in it, recorded as rank 0 did."""
+    if last is not None and last.sampled:
+        record_samples(last, runner.rows, SampledTokens(sampled))
+    packed = runner.prepare(step)
+    positions = to_device([packed.positions], torch.int64, runner.device)
+    decoder(input_ids=to_device([packed.input_ids], torch.int64, runner.device), position_ids=positions,
+            use_cache=False, paged_batch=runner.paged_batch(packed))
+    return packed
