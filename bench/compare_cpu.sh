@@ -55,8 +55,9 @@ for round in $(seq "$ROUNDS"); do
     for server in $SERVERS; do
         case $server in
             transerve-f32) transerve "$server" --quantization none ;;
-            transerve-q4) transerve "$server" ;;
-            transerve-q4-compile) transerve "$server" --compile ;;
+            transerve-q4) transerve "$server" --quantization gguf ;;
+            transerve-q4-compile) transerve "$server" --quantization gguf --compile ;;
+            transerve-f32-compile) transerve "$server" --quantization none --compile ;;
             llama)
                 set -- $NUM_REQUESTS
                 for c in $CONCURRENCY; do

@@ -77,7 +77,7 @@ def num_kv_blocks(model, args, device: torch.device, max_tokens: int) -> int:
     return min(needed, affordable)
 
 
-def load_served_model(spec: str, device: torch.device, dtype: torch.dtype, quantization: str = "auto"):
+def load_served_model(spec: str, device: torch.device, dtype: torch.dtype, quantization: str = "none"):
     """A model as the server loads it (GGUF conversion, quantized weights and CPU linears included)."""
     from transerve.engine import models
 

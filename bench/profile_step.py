@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--compiled", action="store_true", help="the compiled decode step (engine/compiled_step.py)")
-    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int8"])
+    parser.add_argument("--quantization", default="none", choices=["none", "gguf", "int8"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     device = torch.device("cpu")

@@ -73,7 +73,7 @@ def agreement(answers: list[list[int]], reference: list[list[int]]) -> tuple[flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
-    parser.add_argument("--modes", nargs="+", default=None, help="default: none auto (GGUF), none int8 (others)")
+    parser.add_argument("--modes", nargs="+", default=None, help="default: none gguf (GGUF), none int8 (others)")
     parser.add_argument("--kernels", nargs="+", default=["fbgemm"], choices=["fbgemm", "blocks"])
     parser.add_argument("--tokens", type=int, default=3000)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -86,7 +86,7 @@ def main() -> None:
     path = models.materialize(resolved)
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids[:, : args.tokens]
-    modes = args.modes or (["none", "auto"] if resolved.gguf_file else ["none", "int8"])
+    modes = args.modes or (["none", "gguf"] if resolved.gguf_file else ["none", "int8"])
     runs = [("none", "float")] + [(m, k) for m in modes if m != "none" for k in args.kernels]
     print(f"{args.model}: perplexity over {ids.shape[1]} tokens of {TEXT.name}; greedy agreement over "
           f"{len(PROMPTS)} prompts x {args.max_tokens} tokens; {torch.get_num_threads()} threads", flush=True)

@@ -15,7 +15,7 @@ PROMPT_LENGTHS = [5, 17, 40, 100, 3, 64, 33, 250]
 
 
 def make_engine(spec: str, num_kv_blocks: int = 256, max_num_batched_tokens: int = 64, max_num_seqs: int = 64,
-                quantization: str = "auto"):
+                quantization: str = "none"):
     config = EngineConfig(
         quantization=quantization,
         cache=CacheConfig(block_size=16, num_kv_blocks=num_kv_blocks),

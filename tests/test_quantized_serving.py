@@ -81,14 +81,14 @@ def test_int8_is_refused_on_cuda_with_a_clear_error(tiny_repos):
 
 
 def test_quantization_none_keeps_float_weights_of_a_float_model(tiny_repos):
-    assert engine("auto").precision == "float32"
+    assert engine("gguf").precision == "float32"
 
 
 @pytest.mark.slow
 def test_a_served_gguf_keeps_its_weights_quantized(smollm2_dir):
     """SmolLM2's GGUF (Q4_1, Q8_0 embedding) as the server loads it: every linear, the tied LM head too,
     holds one byte per weight; the float32 left is the embedding table and the norms."""
-    loaded = engine("auto", spec="SmolLM2-135M-Instruct", num_kv_blocks=16)
+    loaded = engine("gguf", spec="SmolLM2-135M-Instruct", num_kv_blocks=16)
     model = loaded.runner.model
     assert linears(model) == {"DynamicInt8Linear": 30 * 7 + 1}
     assert loaded.precision == "Q4_1+Q8_0 (int8 fbgemm)"

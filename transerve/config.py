@@ -73,9 +73,9 @@ class EngineConfig:
     compile_decode: bool = False
     # Ranks that each hold 1/N of the weights and KV heads (transerve/parallel/); 1: one device, no workers.
     tensor_parallel_size: int = 1
-    # Weights the linears compute with (engine/quantize.py): auto (a GGUF's quantized weights stay int8 on
-    # CPU), none (float), int8 (a float model's linears too, weight-only per row; CPU only).
-    quantization: str = "auto"
+    # Weights the linears compute with (engine/quantize.py): none (float), gguf (a GGUF's quantized weights
+    # stay quantized, as int8 on CPU), int8 (a float model's linears too, weight-only per row; CPU only).
+    quantization: str = "none"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # Sampling defaults for every model, over each model's own generation_config: (name, value) pairs.
@@ -93,8 +93,8 @@ class EngineConfig:
                 raise ValueError(f"override_generation_config: {name} must be {kind} between {lo} and {hi}, got {value!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
-        if self.quantization not in ("auto", "none", "int8"):
-            raise ValueError(f"quantization must be auto, none or int8, got {self.quantization!r}")
+        if self.quantization not in ("none", "gguf", "int8"):
+            raise ValueError(f"quantization must be none, gguf or int8, got {self.quantization!r}")
         if self.quantization == "int8" and self.tensor_parallel_size > 1:
             raise ValueError("--quantization int8 does not combine with --tensor-parallel-size (shards are float)")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

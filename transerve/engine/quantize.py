@@ -1,11 +1,13 @@
 """Which weights a loaded model computes with: `--quantization` applied after load (as cpu_linear does).
 
-- `auto` (default): a GGUF model keeps its file's own Q4_0/Q4_1/Q8_0 blocks on CPU (engine/gguf_weights.py);
-  tensors of other GGUF types stay dequantized float32. Other models run in their dtype.
-- `none`: every model in float (a GGUF fully dequantized, as transformers loads it).
-- `int8`: weight-only symmetric int8 in groups of 32 (as Q8_0) for the float linears left after the above.
+- `none` (default): every model in float (a GGUF fully dequantized, as transformers loads it). Default because
+  on SmolLM2 at one user the int8 route was no faster in serving (18.8 vs 20.2 tok/s, bench/README.md) and
+  its greedy answers agree with float32 on only 42.5% of tokens (bench/quality.py).
+- `gguf`: a GGUF model keeps its file's Q4_0/Q4_1/Q8_0 weights on CPU (engine/gguf_weights.py), served as
+  int8 per row (a quarter of float32's memory); tensors of other GGUF types stay float32. Others: float.
+- `int8`: as `gguf`, and the float linears left after it become int8 per row (weight-only).
 
-Quantized linears are a CPU float32 feature: on CUDA `int8` is refused (a clear error at load) and `auto`
+Quantized linears are a CPU float32 feature: on CUDA `int8` is refused (a clear error at load) and `gguf`
 expands a GGUF to float as before, saying so in the log. With another dtype on CPU the model stays float.
 """
 
@@ -23,7 +25,7 @@ from transerve.engine.quantized import precision, use_int8_linears
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "none", "int8")
+MODES = ("none", "gguf", "int8")
 
 
 def gguf_source(model_dir: str) -> str | None:
@@ -54,7 +56,7 @@ def quantize_model(model: torch.nn.Module, mode: str, model_dir: str, device: to
     if device.type != "cpu":
         if mode == "int8":
             raise ValueError("--quantization int8 is a CPU feature (quantized linears run on CPU only); "
-                             "on CUDA use --quantization auto or none")
+                             "on CUDA use --quantization gguf or none")
         if gguf is not None:
             log.info("%s: GGUF weights dequantized to %s (quantized linears run on CPU only)", gguf, dtype)
         return precision(model)
