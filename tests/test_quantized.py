@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
 
 from transerve.engine import quantized
+from transerve.engine.quantize import precision
 from transerve.engine.gguf_weights import linear_from_blocks, use_gguf_linears
 from transerve.engine.models import bundled_gguf_path
 
@@ -68,7 +69,7 @@ def test_int8_quantization_of_a_float_model():
     reference = [layer.weight.detach().clone() for layer in model]
     assert quantized.use_int8_linears(model) == 2  # 10 inputs is no whole block: that one stays float
     assert [type(m).__name__ for m in model] == ["QuantizedLinear", "QuantizedLinear", "Linear"]
-    assert quantized.precision(model) == "int8"
+    assert precision(model) == "int8"
     for layer, weight in zip(model[:2], reference):
         step = weight.abs().view(weight.shape[0], -1, 32).amax(-1) / 127  # one int8 step per block
         error = (layer.dequantized_weight() - weight).abs().view_as(step[..., None].expand(-1, -1, 32))
@@ -104,7 +105,7 @@ def test_smollm2_from_its_gguf_blocks_answers_like_the_dequantized_model(smollm2
     dequantized = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     assert use_gguf_linears(model, str(bundled_gguf_path())) == ({"Q4_1": 210, "Q8_0": 1}, {})
-    assert quantized.precision(model) == "Q4_1+Q8_0"
+    assert precision(model) == "Q4_1+Q8_0"
     # The same weights, Q/K rows in transformers' order included, so the same model.
     for name, module in model.named_modules():
         if isinstance(module, quantized.QuantizedLinear):

@@ -16,7 +16,7 @@ from transerve.engine.embedding import Embedder, load_embedder, pooling_spec
 from transerve.engine.kv_sizing import choose_num_kv_blocks, context_length
 from transerve.engine.model_runner import ModelRunner
 from transerve.engine.models import load_model, resolve_device, resolve_dtype
-from transerve.engine.quantized import precision
+from transerve.engine.quantize import precision
 from transerve.engine.whisper import Transcriber, is_speech_to_text, load_transcriber
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import numpy as np
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from transerve.actors.metrics import EngineMetrics
-from transerve.actors.transcriber import client_left, offer, take_waiting
+from transerve.actors.transcriber import offer, serve_batches
 from transerve.engine.embedding import Embedder, embed
 
 log = logging.getLogger(__name__)
@@ -50,20 +50,7 @@ def job_tokens(job: EmbedJob) -> int:
 
 
 async def embedder_actor(e: Embedder, inbox: ObjectReceiveStream[EmbedJob], metrics: EngineMetrics) -> None:
-    async with inbox:
-        while True:
-            try:
-                first = await inbox.receive()
-            except anyio.EndOfStream:
-                return
-            taken = take_waiting(first, inbox, e.max_batch_tokens, job_tokens)
-            try:
-                jobs = [job for job in taken if not client_left(job)]
-                if jobs:
-                    await _embed_jobs(e, jobs, metrics)
-            finally:  # each job's stream ends here, however the batch went (cancellation included)
-                for job in taken:
-                    job.sink.close()
+    await serve_batches(inbox, e.max_batch_tokens, job_tokens, lambda jobs: _embed_jobs(e, jobs, metrics))
 
 
 async def _embed_jobs(e: Embedder, jobs: list[EmbedJob], metrics: EngineMetrics) -> None:

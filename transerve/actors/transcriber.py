@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -91,20 +91,31 @@ def offer(sink: ObjectSendStream, event: Any) -> None:
         pass
 
 
-async def transcriber_actor(t: Transcriber, inbox: ObjectReceiveStream[TranscribeJob], metrics: EngineMetrics) -> None:
+async def serve_batches(inbox: ObjectReceiveStream[Job], limit: int, size: Callable[[Job], int],
+                        run: Callable[[list[Job]], Awaitable[None]]) -> None:
+    """The batching actors' loop (this one and actors/embedder.py): take every job waiting, up to `limit`,
+    run those whose client is still there as one batch, and end each job's stream."""
     async with inbox:
         while True:
             try:
                 first = await inbox.receive()
             except anyio.EndOfStream:
                 return
-            taken = take_waiting(first, inbox, t.max_windows, lambda job: len(job.features))
+            taken = take_waiting(first, inbox, limit, size)
             try:
-                for group in group_by_options([job for job in taken if not client_left(job)]):
-                    await _decode_group(t, group, metrics)
+                if jobs := [job for job in taken if not client_left(job)]:
+                    await run(jobs)
             finally:  # each job's stream ends here, however the batch went (cancellation included)
                 for job in taken:
                     job.sink.close()
+
+
+async def transcriber_actor(t: Transcriber, inbox: ObjectReceiveStream[TranscribeJob], metrics: EngineMetrics) -> None:
+    async def run(jobs: list[TranscribeJob]) -> None:
+        for group in group_by_options(jobs):
+            await _decode_group(t, group, metrics)
+
+    await serve_batches(inbox, t.max_windows, lambda job: len(job.features), run)
 
 
 async def _decode_group(t: Transcriber, jobs: list[TranscribeJob], metrics: EngineMetrics) -> None:

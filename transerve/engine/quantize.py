@@ -21,7 +21,8 @@ import torch
 
 from transerve.engine import int8_dynamic
 from transerve.engine.gguf_weights import use_gguf_linears
-from transerve.engine.quantized import precision, use_int8_linears
+from transerve.engine.int8_dynamic import DynamicInt8Linear
+from transerve.engine.quantized import QuantizedLinear, use_int8_linears
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +79,13 @@ def quantize_model(model: torch.nn.Module, mode: str, model_dir: str, device: to
     if kernel == "fbgemm":
         int8_dynamic.use_dynamic_int8(model)
     return precision(model)
+
+
+def precision(model: torch.nn.Module) -> str:
+    """What the linears compute in, for /v1/models and the startup log: e.g. 'Q4_1+Q8_0', 'float32', or
+    'Q4_1+Q8_0 (int8 fbgemm)' when those weights are computed by engine/int8_dynamic.py."""
+    blocks = {m.fmt for m in model.modules() if isinstance(m, QuantizedLinear)}
+    dynamic = {m.fmt for m in model.modules() if isinstance(m, DynamicInt8Linear)}
+    if not blocks and not dynamic:
+        return str(next(model.parameters()).dtype).removeprefix("torch.")
+    return "+".join(sorted(blocks | dynamic)) + (" (int8 fbgemm)" if dynamic else "")

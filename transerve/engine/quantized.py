@@ -158,15 +158,3 @@ def use_int8_linears(model: torch.nn.Module, compiled: bool = True) -> int:
         bias = None if module.bias is None else module.bias.detach().float()
         model.set_submodule(name, int8_linear(qweight, scale, "int8", bias, compiled))
     return len(targets)
-
-
-def precision(model: torch.nn.Module) -> str:
-    """What the linears compute in, for /v1/models and the startup log: e.g. 'Q4_1+Q8_0', 'float32', or
-    'Q4_1+Q8_0 (int8 fbgemm)' when those weights are computed by engine/int8_dynamic.py."""
-    from transerve.engine.int8_dynamic import DynamicInt8Linear
-
-    blocks = {m.fmt for m in model.modules() if isinstance(m, QuantizedLinear)}
-    dynamic = {m.fmt for m in model.modules() if isinstance(m, DynamicInt8Linear)}
-    if not blocks and not dynamic:
-        return str(next(model.parameters()).dtype).removeprefix("torch.")
-    return "+".join(sorted(blocks | dynamic)) + (" (int8 fbgemm)" if dynamic else "")
