@@ -63,7 +63,6 @@ class ModelRunner:
         graphs.capture()
         return graphs
 
-    @torch.inference_mode()
     def prepare(self, step: ScheduledStep) -> PackedStep:
         """Apply the step's deltas to the per-request state and pack its inputs (every TP rank does this)."""
         update_states(self.requests, self.rows, step)
@@ -83,6 +82,7 @@ class ModelRunner:
             paged_attention=self.paged_attention,
         )
 
+    @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> SampledTokens:
         """Run one step; returns the token sampled for every request whose chunk samples (and appends it to
         the request's tokens here), with logprobs for those that asked."""
