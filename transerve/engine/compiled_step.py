@@ -139,7 +139,9 @@ class CompiledDecode:
         self.block_tables[:n, :width] = torch.from_numpy(block_tables)
         self.block_tables[n:bs] = self.block_tables[n - 1]
         ctx_pos = self.ctx_pos[: max(seq_lens)]
-        torch._dynamo.mark_dynamic(ctx_pos, 0, min=2, max=len(self.ctx_pos))
+        # maybe_: inductor's CPU codegen may guard the length (e.g. `<= 4096` for its reduction helper) and a
+        # strict mark_dynamic turns that guard into a failed compile; a longer context then compiles once more.
+        torch._dynamo.maybe_mark_dynamic(ctx_pos, 0)
         args = (self.model, self.kv_caches, self.input_ids[:bs], self.positions[:bs], self.slot_mapping[:bs],
                 self.src_row[:bs], self.block_tables[:bs], self.seq_lens[:bs], self.query_start_loc[: bs + 1], ctx_pos)
         if bs in self.compiled:
