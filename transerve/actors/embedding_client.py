@@ -7,7 +7,6 @@ then runs it together with whatever else is waiting, and the Matryoshka cut is m
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import numpy as np
 from anyio.abc import ObjectSendStream
 
 from transerve.actors.embedder import EmbedEvent, Embedded, EmbedFailed, EmbedJob
+from transerve.actors.transcription_client import BatchingClient
 from transerve.engine.embedding import Embedder, check_dimensions, shorten, tokenize
 
 
@@ -33,27 +33,13 @@ class EmbeddingUnavailable(RuntimeError):
         self.status_code = status_code
 
 
-class EmbeddingClient:
-    """`embed(...)`, and the bookkeeping `Models` needs of any engine (in_flight, last_used, closed, aclose)."""
-
-    stats = None  # no scheduler or KV cache to report (its batches: transerve_embedding_* metrics)
+class EmbeddingClient(BatchingClient):
+    """`embed(...)`; its batches show in the transerve_embedding_* metrics."""
 
     def __init__(self, e: Embedder, inbox: ObjectSendStream[EmbedJob]) -> None:
-        self.model_id = e.model_id
+        super().__init__(e.model_id, inbox)
         self.dimensions = e.dimensions
-        self.created = int(time.time())
-        self.in_flight = 0
-        self.last_used = anyio.current_time()
-        self.closed = anyio.Event()
         self._e = e
-        self._inbox = inbox
-
-    def touch(self) -> None:
-        self.last_used = anyio.current_time()
-
-    async def aclose(self) -> None:
-        self.closed.set()
-        await self._inbox.aclose()
 
     async def embed(self, inputs: Sequence[str | tuple[int, ...]], truncate: int | None = None,
                     dimensions: int | None = None) -> Embeddings:

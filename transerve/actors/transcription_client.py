@@ -26,23 +26,19 @@ from transerve.engine.whisper import TIME_PRECISION, DecodeOptions, Transcriber,
 from transerve.media.audio import AudioError, AudioWindow, decode_audio, split_windows
 
 
-class TranscriptionClient:
-    """`transcribe(...)`, and the bookkeeping `Models` needs of any engine (in_flight, last_used, closed, aclose)."""
+class BatchingClient:
+    """The bookkeeping `Models` needs of any engine (in_flight, last_used, closed, aclose), for the clients of
+    the batching actors (this one and actors/embedding_client.py), which report no scheduler or KV cache."""
 
-    stats = None  # no scheduler or KV cache to report (its batches: transerve_transcription_* metrics)
+    stats = None
 
-    def __init__(self, t: Transcriber, inbox: ObjectSendStream[TranscribeJob]) -> None:
-        self.model_id = t.model_id
+    def __init__(self, model_id: str, inbox: ObjectSendStream) -> None:
+        self.model_id = model_id
         self.created = int(time.time())
         self.in_flight = 0
         self.last_used = anyio.current_time()
         self.closed = anyio.Event()
-        self._t = t
         self._inbox = inbox
-        self._tokenizer = t.processor.tokenizer
-        self._specials = frozenset(self._tokenizer.all_special_ids)
-        eos = t.model.generation_config.eos_token_id
-        self._eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
 
     def touch(self) -> None:
         self.last_used = anyio.current_time()
@@ -50,6 +46,18 @@ class TranscriptionClient:
     async def aclose(self) -> None:
         self.closed.set()
         await self._inbox.aclose()
+
+
+class TranscriptionClient(BatchingClient):
+    """`transcribe(...)`; its batches show in the transerve_transcription_* metrics."""
+
+    def __init__(self, t: Transcriber, inbox: ObjectSendStream[TranscribeJob]) -> None:
+        super().__init__(t.model_id, inbox)
+        self._t = t
+        self._tokenizer = t.processor.tokenizer
+        self._specials = frozenset(self._tokenizer.all_special_ids)
+        eos = t.model.generation_config.eos_token_id
+        self._eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
 
     async def transcribe(self, audio: bytes, language: str | None, options: DecodeOptions,
                          stream: bool = False) -> AsyncIterator[TranscriptEvent]:
