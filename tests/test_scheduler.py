@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 from transerve.config import SchedulerConfig
-from transerve.engine import batch
-from transerve.engine.batch import Rows, pack_step, record_samples, update_states
+from transerve.engine.batch import Rows, pack_step, record_samples, step_chunks, update_states
 from transerve.engine.block_manager import BlockManager
 from transerve.engine.core import EngineCore
 from transerve.engine.request import Request, RequestStatus, SamplingParams
@@ -212,23 +213,30 @@ def test_finished_aborted_and_preempted_requests_are_freed_in_the_next_step():
     assert resumed.output_token_ids == tuple(outputs[preempted]) and resumed.output_token_ids  # recomputed, not lost
 
 
-def test_runner_state_kept_by_deltas_equals_the_core_requests_after_every_step(monkeypatch):
+def f32(x: float) -> float:
+    """x as the runner's float32 arrays hold it."""
+    return float(np.float32(x))
+
+
+def test_runner_state_kept_by_deltas_equals_the_core_requests_after_every_step():
     """Random arrivals, shared prefixes, chunked prefill, aborts, end of sequence and preemption: after
-    every step, what the runner keeps from deltas is what the core's requests hold, its block table and
-    sampling-parameter rows included (equal to a rebuild from the core's requests)."""
+    every step, what the runner keeps from deltas is what the core's requests hold, its token, block table
+    and sampling-parameter rows included, and the packed step equals one rebuilt from the core's requests."""
     rng = random.Random(0)
-    seen = {"preempted": 0, "prefix_hits": 0, "aborted": 0, "chunked": 0, "decode_steps": 0}
+    seen = {"preempted": 0, "prefix_hits": 0, "aborted": 0, "chunked": 0, "decode_steps": 0, "penalties": 0,
+            "logit_edits": 0}
     for trial in range(30):
-        monkeypatch.setattr(batch, "DECODE_ARRAYS_FROM", 1 if trial % 2 else 16)  # decode steps packed both ways
         core = EngineCore(SchedulerConfig(max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=rng.choice([8, 16, 64])),
                           num_kv_blocks=rng.choice([10, 16, 32]), block_size=4, max_model_len=64)
         prefixes = [[rng.randrange(1, 20) for _ in range(8)] for _ in range(2)]
         states: dict = {}
-        rows = Rows(max_blocks_per_seq=16, num_rows=2)  # grows as requests arrive
+        rows = Rows(max_blocks_per_seq=16, num_rows=2, num_token_columns=4)  # rows and token columns grow
         for i in range(rng.randint(4, 12)):
             prompt = rng.choice(prefixes)[: rng.randint(0, 8)] + [rng.randrange(1, 20) for _ in range(rng.randint(1, 12))]
             params = SamplingParams(max_tokens=rng.randint(1, 12), temperature=rng.choice([0.0, 0.5, 1.0]),
-                                    top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.9]), min_p=rng.choice([0.0, 0.1]))
+                                    top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.9]), min_p=rng.choice([0.0, 0.1]),
+                                    **rng.choice([{}, {}, {"repetition_penalty": 1.2}, {"frequency_penalty": 0.5},
+                                                  {"logit_bias": ((3, 1.5),)}, {"num_logprobs": 2}, {"min_tokens": 3}]))
             core.add_request(Request(f"{trial}-{i}", prompt, params, seed=rng.randrange(2**62), eos_token_ids=frozenset({0})))
         while core.has_work():
             if core.requests and rng.random() < 0.03:
@@ -242,34 +250,55 @@ def test_runner_state_kept_by_deltas_equals_the_core_requests_after_every_step(m
             update_states(states, rows, scheduled)
             packed = pack_step(states, rows, scheduled, 4)
             assert set(states) == {r.request_id for r in core.scheduler.running}
-            for item, (state, start, n) in zip(step.scheduled, packed.chunks):
+            for item, (state, start, n) in zip(step.scheduled, step_chunks(states, scheduled)):
                 r = item.request
                 assert (state.request_id, start, n) == (r.request_id, r.num_computed_tokens, item.num_new_tokens)
-                assert state.token_ids == r.prompt_token_ids + r.output_token_ids and state.block_ids == r.block_ids
+                assert rows.token_ids(state.row) == r.prompt_token_ids + r.output_token_ids
+                assert rows.block_ids(state.row) == r.block_ids
                 seen["prefix_hits"] += item.is_new and r.num_computed_tokens > 0
                 seen["chunked"] += not item.samples
-            assert packed.input_ids == [t for item in step.scheduled for t in item.request.token_ids(
+            assert packed.input_ids.tolist() == [t for item in step.scheduled for t in item.request.token_ids(
                 item.request.num_computed_tokens, item.request.num_computed_tokens + item.num_new_tokens)]
-            assert packed.slots == [r.block_ids[p // 4] * 4 + p % 4 for item in step.scheduled if (r := item.request)
-                                    for p in range(r.num_computed_tokens, r.num_computed_tokens + item.num_new_tokens)]
+            assert packed.slots.tolist() == [r.block_ids[p // 4] * 4 + p % 4 for item in step.scheduled if (r := item.request)
+                                             for p in range(r.num_computed_tokens, r.num_computed_tokens + item.num_new_tokens)]
             lengths = [item.num_new_tokens for item in step.scheduled]
-            assert packed.positions == [p for item in step.scheduled for p in range(
+            assert packed.positions.tolist() == [p for item in step.scheduled for p in range(
                 item.request.num_computed_tokens, item.request.num_computed_tokens + item.num_new_tokens)]
-            assert packed.seq_lens == [item.request.num_computed_tokens + item.num_new_tokens for item in step.scheduled]
-            assert packed.query_start_loc == [sum(lengths[:k]) for k in range(len(lengths) + 1)]
-            assert packed.sample_rows == [sum(lengths[: k + 1]) - 1 for k, item in enumerate(step.scheduled) if item.samples]
-            assert packed.bans == [b for b, sample in zip(scheduled.banned_token_ids, scheduled.samples) if sample]
+            assert packed.seq_lens.tolist() == [item.request.num_computed_tokens + item.num_new_tokens for item in step.scheduled]
+            assert packed.query_start_loc.tolist() == [sum(lengths[:k]) for k in range(len(lengths) + 1)]
+            assert packed.sample_rows.tolist() == [sum(lengths[: k + 1]) - 1 for k, item in enumerate(step.scheduled) if item.samples]
+            assert list(packed.bans) == [b for b, sample in zip(scheduled.banned_token_ids, scheduled.samples) if sample]
             seen["decode_steps"] += set(lengths) == {1} and all(scheduled.samples)
             width = max(len(item.request.block_ids) for item in step.scheduled)
             assert packed.block_tables.tolist() == [item.request.block_ids + [0] * (width - len(item.request.block_ids))
                                                     for item in step.scheduled]
-            requests = [core.requests[s.request_id] for s in packed.sampled]
-            assert [list(column) for column in packed.sampling] == [
-                [r.sampling_params.temperature for r in requests], [r.sampling_params.top_k for r in requests],
-                [r.sampling_params.top_p for r in requests], [r.sampling_params.min_p for r in requests],
+            requests = [core.requests[rid] for rid in packed.sampled_ids]
+            assert list(packed.sampled_ids) == [item.request.request_id for item in step.scheduled if item.samples]
+            assert [column.tolist() for column in packed.sampling] == [
+                [f32(r.sampling_params.temperature) for r in requests], [r.sampling_params.top_k for r in requests],
+                [f32(r.sampling_params.top_p) for r in requests], [f32(r.sampling_params.min_p) for r in requests],
                 [r.seed for r in requests], [len(r.output_token_ids) for r in requests],
-            ] if requests else packed.sampling == ()
-            sampled = SampledTokens({s.request_id: rng.randrange(20) for s in packed.sampled})
+            ]
+            special = [p.logit_bias or p.has_penalties or p.num_logprobs is not None for r in requests if (p := r.sampling_params)]
+            assert packed.params == ([r.sampling_params for r in requests] if any(special) else None)
+            if any(r.sampling_params.has_penalties for r in requests):
+                seen["penalties"] += 1
+                rep, presence, frequency, prompts, outputs = (a.tolist() for a in packed.penalties)
+                assert (rep, presence, frequency) == tuple([f32(getattr(r.sampling_params, name)) for r in requests] for name in (
+                    "repetition_penalty", "presence_penalty", "frequency_penalty"))
+                on = [r.sampling_params.has_penalties for r in requests]
+                assert [[t for t in row if t >= 0] for row in prompts] == [r.prompt_token_ids if p else [] for r, p in zip(requests, on)]
+                assert [[t for t in row if t >= 0] for row in outputs] == [r.output_token_ids if p else [] for r, p in zip(requests, on)]
+            else:
+                assert packed.penalties == ()
+            edits = [(i, t, f32(v)) for i, r in enumerate(requests) for t, v in r.sampling_params.logit_bias]
+            edits += [(i, t, float("-inf")) for i, banned in enumerate(packed.bans) for t in banned]
+            if edits:
+                seen["logit_edits"] += 1
+                assert list(zip(*(a.tolist() for a in packed.logit_edits))) == edits
+            else:
+                assert packed.logit_edits == ()
+            sampled = SampledTokens({rid: rng.randrange(20) for rid in packed.sampled_ids})
             record_samples(packed, rows, sampled)
             core.apply(step, sampled)
         assert core.block_manager.num_free_blocks == core.block_manager.num_blocks

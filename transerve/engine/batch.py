@@ -1,15 +1,16 @@
 """The model runner's side of the step contract (engine/step.py): what it keeps of each request between
-steps, and one step packed from that into the flat lists the model call is built from. Torch-free.
+steps, and one step packed from that into the numpy arrays the model call and the sampler are built from.
+Torch-free.
 
-What every step needs of every request (its block table row, sampling parameters, output count) lives in
-one row of a few arrays (`Rows`), updated by the step's deltas, so a step gathers its batch with one
-index per array instead of rebuilding nested lists in Python."""
+Everything a step needs of a request (its tokens, block table row, sampling parameters) lives in one row of
+a few arrays (`Rows`), updated by the step's deltas and by the tokens the runner samples. A step is then
+gathered with a handful of array operations whatever its size: no Python loop over its requests."""
 
 from __future__ import annotations
 
 import itertools
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,72 +20,137 @@ from transerve.engine.step import NewRequest, SampledTokens, ScheduledStep, Toke
 
 
 class RequestState:
-    """A request as the runner knows it, from its NewRequest until its id is freed."""
+    """A request as the runner knows it, from its NewRequest until its id is freed; its tokens and blocks
+    live in its row of Rows."""
 
-    __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "block_ids", "params", "seed", "multimodal", "row")
+    __slots__ = ("request_id", "row", "num_prompt_tokens", "params", "seed", "multimodal")
 
     def __init__(self, new: NewRequest, row: int) -> None:
-        self.row = row  # its row in Rows
         self.request_id = new.request_id
-        self.token_ids: list[int] = [*new.prompt_token_ids, *new.output_token_ids]  # the runner appends its samples
+        self.row = row
         self.num_prompt_tokens = len(new.prompt_token_ids)
-        self.block_ids: list[int] = []  # the block table row
         self.params: SamplingParams = new.sampling_params
         self.seed = new.seed
         self.multimodal: Any = new.multimodal
 
-    @property
-    def num_output_tokens(self) -> int:
-        """Also the index of the next token sampled: it keys the request's seeded noise."""
-        return len(self.token_ids) - self.num_prompt_tokens
+
+NUM_TOKENS, NUM_PROMPT, NUM_BLOCKS, TOP_K, SEED, SPECIAL = range(6)  # rows of Rows.ints
 
 
 class Rows:
-    """Per-request arrays indexed by RequestState.row: the block table (zero-padded), and the sampling
-    kernel's per-request inputs: `floats` = temperature, top_p, min_p; `ints` = top_k, seed, number of
-    output tokens (the index of the next sample, which keys its seeded noise). Grows as needed."""
+    """Per-request arrays indexed by RequestState.row. `tokens[row, :ints[NUM_TOKENS, row]]` are the request's
+    token ids (prompt, then output: the runner appends what it samples); `block_tables[row, :ints[NUM_BLOCKS,
+    row]]` its KV blocks, zero beyond (the padding of a shorter row in a step's table). The sampling kernel's
+    inputs: `floats` = temperature, top_p, min_p; `ints[TOP_K]`, `ints[SEED]`; the index of the next sample
+    (which keys its seeded noise) is NUM_TOKENS - NUM_PROMPT. SPECIAL marks requests whose sampling needs more
+    than the kernel's plain inputs (logit bias, penalties, logprobs): their SamplingParams are in `params`.
+    One array per kind, so a step gathers all its requests' values with one index per array. Rows and token
+    columns grow as needed."""
 
-    def __init__(self, max_blocks_per_seq: int, num_rows: int = 64) -> None:
+    def __init__(self, max_blocks_per_seq: int, num_rows: int = 64, num_token_columns: int = 256) -> None:
         self.block_tables = np.zeros((num_rows, max_blocks_per_seq), np.int32)
+        self.tokens = np.zeros((num_rows, num_token_columns), np.int32)
+        self.ints = np.zeros((6, num_rows), np.int64)
         self.floats = np.zeros((3, num_rows), np.float32)
-        self.ints = np.zeros((3, num_rows), np.int64)
+        self.params: list[SamplingParams | None] = [None] * num_rows
         self.free = list(range(num_rows - 1, -1, -1))
+        self.longest = 0  # at least the longest row's token count: the token columns are widened before it
 
     def take(self, new: NewRequest) -> int:
         if not self.free:
-            n = len(self.ints[0])
-            self.block_tables = np.concatenate([self.block_tables, np.zeros_like(self.block_tables)])
-            self.floats = np.concatenate([self.floats, np.zeros_like(self.floats)], axis=1)
-            self.ints = np.concatenate([self.ints, np.zeros_like(self.ints)], axis=1)
-            self.free = list(range(2 * n - 1, n - 1, -1))
+            self._add_rows()
         row = self.free.pop()
+        tokens = new.prompt_token_ids + new.output_token_ids
+        self.longest = max(self.longest, len(tokens))
+        self._fit_tokens(self.longest)
+        self.tokens[row, : len(tokens)] = tokens
         p = new.sampling_params
+        special = bool(p.logit_bias) or p.has_penalties or p.num_logprobs is not None
+        self.ints[:, row] = (len(tokens), len(new.prompt_token_ids), 0, p.top_k, new.seed, special)
         self.floats[:, row] = (p.temperature, p.top_p, p.min_p)
-        self.ints[:, row] = (p.top_k, new.seed, len(new.output_token_ids))
+        self.params[row] = p
         return row
 
     def release(self, row: int) -> None:
-        self.block_tables[row] = 0  # the padding of a shorter row in a step's table
+        self.block_tables[row] = 0
+        self.params[row] = None
         self.free.append(row)
+
+    def token_ids(self, row: int) -> list[int]:
+        return self.tokens[row, : self.ints[NUM_TOKENS, row]].tolist()
+
+    def block_ids(self, row: int) -> list[int]:
+        return self.block_tables[row, : self.ints[NUM_BLOCKS, row]].tolist()
+
+    def add_blocks(self, row_ids: np.ndarray, new_block_ids: tuple[tuple[int, ...], ...]) -> None:
+        num_blocks = self.ints[NUM_BLOCKS]
+        for row, blocks in zip(row_ids.tolist(), new_block_ids):
+            if blocks:
+                n = num_blocks[row]
+                self.block_tables[row, n : n + len(blocks)] = blocks
+                num_blocks[row] = n + len(blocks)
+
+    def append_tokens(self, row_ids: np.ndarray, token_ids: np.ndarray) -> None:
+        """One token at the end of each of these (distinct) rows."""
+        num_tokens = self.ints[NUM_TOKENS]
+        if self.longest >= self.tokens.shape[1]:
+            self.longest = int(num_tokens.max())  # released rows' counts too: still a bound
+            self._fit_tokens(self.longest + 1)
+        self.longest += 1
+        at = num_tokens[row_ids]
+        self.tokens[row_ids, at] = token_ids
+        num_tokens[row_ids] = at + 1
+
+    def _fit_tokens(self, n: int) -> None:
+        """Room for n tokens in every row (doubling: a long generation widens it a few times, not per token)."""
+        if n > (width := self.tokens.shape[1]):
+            grown = np.zeros((len(self.tokens), max(n, 2 * width)), np.int32)
+            grown[:, :width] = self.tokens
+            self.tokens = grown
+
+    def _add_rows(self) -> None:
+        n = len(self.params)
+        self.block_tables = np.concatenate([self.block_tables, np.zeros_like(self.block_tables)])
+        self.tokens = np.concatenate([self.tokens, np.zeros_like(self.tokens)])
+        self.ints = np.concatenate([self.ints, np.zeros_like(self.ints)], axis=1)
+        self.floats = np.concatenate([self.floats, np.zeros_like(self.floats)], axis=1)
+        self.params += [None] * n
+        self.free = list(range(2 * n - 1, n - 1, -1))
 
 
 @dataclass
 class PackedStep:
-    """One step's tokens packed into a single row, in the step's request order."""
+    """One step's tokens packed into a single row, in the step's request order: numpy arrays, one entry per
+    token (input_ids, positions, slots), per request (seq_lens, query_start_loc, block_tables) or per sampled
+    request (sample_rows, sampled_rows, sampled_ids, bans and the sampling arrays)."""
 
-    input_ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    slots: list[int] = field(default_factory=list)  # KV cache slot of each token
-    seq_lens: list[int] = field(default_factory=list)  # per request: tokens in the cache after this step
-    query_start_loc: list[int] = field(default_factory=lambda: [0])
-    block_tables: Any = None  # numpy int32 [requests, longest row], padded with block 0
-    sample_rows: list[int] = field(default_factory=list)  # packed positions whose logits are sampled
-    sampled: list[RequestState] = field(default_factory=list)  # the requests those rows sample for
-    bans: list[tuple[int, ...]] = field(default_factory=list)  # and their bans, row by row
+    input_ids: np.ndarray  # int64
+    positions: np.ndarray  # int64
+    slots: np.ndarray  # int64: the KV cache slot of each token
+    seq_lens: np.ndarray  # int32, per request: tokens in the cache after this step
+    query_start_loc: np.ndarray  # int32 [requests + 1]
+    block_tables: np.ndarray  # int32 [requests, longest row], padded with block 0
+    sample_rows: np.ndarray  # int64: packed positions whose logits are sampled
+    sampled_rows: np.ndarray  # their requests' rows in Rows
+    sampled_ids: tuple[str, ...]  # and ids
+    bans: tuple[tuple[int, ...], ...]  # and this step's bans
+    # temperature f32, top_k i32, top_p f32, min_p f32, seed i64, number of output tokens i64
+    sampling: tuple[np.ndarray, ...]
     bitmask: TokenBitmask | None = None  # the step's, its rows renumbered to sampled rows
-    # numpy, one entry per sampled row: temperature, top_k, top_p, min_p, seed, number of output tokens
-    sampling: tuple = ()
-    chunks: list[tuple[RequestState, int, int]] = field(default_factory=list)  # (request, start, tokens)
+    params: list[SamplingParams] | None = None  # of the sampled requests, when one of them is Rows.special
+    # Logit edits (rows i64, token ids i64, added values f32: logit_bias, and -inf for bans) and penalties
+    # (repetition, presence, frequency f32; prompt and output token ids i64 [sampled, longest], -1 padded).
+    logit_edits: tuple[np.ndarray, ...] = ()
+    penalties: tuple[np.ndarray, ...] = ()
+
+    @property
+    def is_decode(self) -> bool:
+        """Every request runs one token and samples it."""
+        return len(self.input_ids) == len(self.sample_rows) == len(self.seq_lens)
+
+    def sampler_arrays(self) -> list[np.ndarray]:
+        """What sample_step takes to the device, in its order."""
+        return [*self.sampling, *self.logit_edits, *self.penalties]
 
 
 def update_states(states: dict[str, RequestState], rows: Rows, step: ScheduledStep) -> None:
@@ -99,98 +165,95 @@ def update_states(states: dict[str, RequestState], rows: Rows, step: ScheduledSt
 
 def pack_step(states: dict[str, RequestState], rows: Rows, step: ScheduledStep, block_size: int) -> PackedStep:
     """Apply the step's block deltas and lay out its tokens (states must be updated for the step)."""
-    # A decode step of a few requests is cheaper request by request: numpy's fixed cost per call dominates.
-    if step.num_requests >= DECODE_ARRAYS_FROM and step.num_scheduled_tokens.count(1) == step.num_requests and all(step.samples):
-        packed, sample_row_ids = _pack_decodes(states, rows, step, block_size)
-        sample_index = range(step.num_requests)
+    n = step.num_requests
+    row_ids = np.fromiter(map(_row, map(states.__getitem__, step.request_ids)), np.int64, n)
+    if any(step.new_block_ids):
+        rows.add_blocks(row_ids, step.new_block_ids)
+    ints = rows.ints[:, row_ids]
+    if step.num_scheduled_tokens.count(1) == n and all(step.samples):
+        # A decode step: each request runs its last token, all from its row (the test checks it is the step's).
+        token_rows, ends = row_ids, ints[NUM_TOKENS]
+        positions = ends - 1
+        query_start_loc = np.arange(n + 1, dtype=np.int32)
     else:
-        packed, sample_row_ids, sample_index = _pack_any(states, rows, step, block_size)
-    if len(sample_row_ids):
-        floats, ints = rows.floats[:, sample_row_ids], rows.ints[:, sample_row_ids]
-        packed.sampling = (floats[0], ints[0].astype(np.int32), floats[1], floats[2], ints[1], ints[2])
+        starts = np.array(step.num_computed_tokens, np.int64)
+        counts = np.array(step.num_scheduled_tokens, np.int64)
+        ends = starts + counts
+        assert (ends <= ints[NUM_TOKENS]).all(), "a step runs tokens the runner does not know"
+        query_start_loc = np.zeros(n + 1, np.int32)
+        np.cumsum(counts, out=query_start_loc[1:])
+        token_rows = np.repeat(row_ids, counts)
+        positions = np.arange(query_start_loc[-1], dtype=np.int64) - np.repeat(query_start_loc[:-1] - starts, counts)
+    table = rows.block_tables
+    block, offset = np.divmod(positions, block_size)
+    slots = np.multiply(table[token_rows, block], block_size, dtype=np.int64)
+    slots += offset
+    last = np.subtract(query_start_loc[1:], 1, dtype=np.int64)  # each request's last packed token
+    if all(step.samples):
+        sample_rows, sampled_rows, sampled, sampled_ids, bans = last, row_ids, ints, step.request_ids, step.banned_token_ids
+        sample_index = None
+    else:
+        samples = np.array(step.samples, bool)
+        sample_rows, sampled_rows, sampled = last[samples], row_ids[samples], ints[:, samples]
+        sampled_ids = tuple(itertools.compress(step.request_ids, step.samples))
+        bans = tuple(itertools.compress(step.banned_token_ids, step.samples))
+        sample_index = np.cumsum(samples) - 1  # step index -> sampled row
+    floats = rows.floats[:, sampled_rows]
+    packed = PackedStep(
+        input_ids=rows.tokens[token_rows, positions].astype(np.int64), positions=positions, slots=slots,
+        seq_lens=ends.astype(np.int32), query_start_loc=query_start_loc,
+        block_tables=table[row_ids, : max(1, int(ints[NUM_BLOCKS].max(initial=0)))],
+        sample_rows=sample_rows, sampled_rows=sampled_rows, sampled_ids=sampled_ids, bans=bans,
+        sampling=(floats[0], sampled[TOP_K].astype(np.int32), floats[1], floats[2], sampled[SEED],
+                  sampled[NUM_TOKENS] - sampled[NUM_PROMPT]),
+    )
     if (mask := step.token_bitmask) is not None:
-        packed.bitmask = TokenBitmask(tuple(sample_index[i] for i in mask.rows), mask.words)
+        index = mask.rows if sample_index is None else tuple(sample_index[list(mask.rows)].tolist())
+        packed.bitmask = TokenBitmask(index, mask.words)
+    if sampled[SPECIAL].any():
+        packed.params = list(map(rows.params.__getitem__, sampled_rows.tolist()))
+        packed.penalties = _penalties(rows, sampled_rows, packed.params)
+    if any(bans) or (packed.params and any(p.logit_bias for p in packed.params)):
+        packed.logit_edits = _logit_edits(packed.params or list(map(rows.params.__getitem__, sampled_rows.tolist())), bans)
     return packed
 
 
-def _pack_decodes(states: dict[str, RequestState], rows: Rows, step: ScheduledStep, bs: int) -> tuple[PackedStep, list[int]]:
-    """A decode step (every request runs one token and samples it): pack_step's layout, array by array."""
-    # map() over C getters: these run once per request per step.
-    sampled = list(map(states.__getitem__, step.request_ids))
-    table = rows.block_tables
-    if any(step.new_block_ids):
-        for state, new_blocks in zip(sampled, step.new_block_ids):
-            if new_blocks:
-                blocks = state.block_ids
-                table[state.row, len(blocks) : len(blocks) + len(new_blocks)] = new_blocks
-                blocks.extend(new_blocks)
-    positions = list(step.num_computed_tokens)
-    n = len(positions)
-    row_ids = np.array(list(map(_row, sampled)))
-    block_tables = table[row_ids, : max(positions) // bs + 1]  # a decode holds just the blocks up to its position
-    at = np.array(positions)
-    slots = block_tables[np.arange(n), at // bs].astype(np.int64) * bs + at % bs
-    packed = PackedStep(
-        input_ids=list(map(operator.getitem, map(_token_ids, sampled), positions)), positions=positions,
-        slots=slots.tolist(), seq_lens=(at + 1).tolist(), query_start_loc=list(range(n + 1)),
-        block_tables=block_tables, sample_rows=list(range(n)), sampled=sampled, bans=list(step.banned_token_ids),
-        chunks=list(zip(sampled, positions, itertools.repeat(1))),
-    )
-    return packed, row_ids
+_row = operator.attrgetter("row")
 
 
-DECODE_ARRAYS_FROM = 16  # requests
-_row, _token_ids = operator.attrgetter("row"), operator.attrgetter("token_ids")
+def _logit_edits(params: list[SamplingParams], bans: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, ...]:
+    """Sparse: one scatter of (row, token, value), not a dense [requests, vocab] bias."""
+    edits = [(i, token_id, bias) for i, p in enumerate(params) for token_id, bias in p.logit_bias]
+    edits += [(i, token_id, float("-inf")) for i, banned in enumerate(bans) for token_id in banned]
+    i, t, v = zip(*edits)
+    return np.array(i, np.int64), np.array(t, np.int64), np.array(v, np.float32)
 
 
-def _pack_any(states: dict[str, RequestState], rows: Rows, step: ScheduledStep, block_size: int):
-    """Any step: prefill chunks and decodes, sampling or not, request by request."""
-    packed = PackedStep()
-    input_ids, positions, slots, seq_lens = packed.input_ids, packed.positions, packed.slots, packed.seq_lens
-    query_start_loc = packed.query_start_loc
-    row_ids, sample_row_ids = [], []
-    width = 1
-    table = rows.block_tables
-    sample_index = {}  # step index -> sampled row
-    bs = block_size
-    for i, (request_id, start, n, new_blocks, sample, bans) in enumerate(zip(
-        step.request_ids, step.num_computed_tokens, step.num_scheduled_tokens, step.new_block_ids, step.samples,
-        step.banned_token_ids,
-    )):
-        state = states[request_id]
-        blocks = state.block_ids
-        if new_blocks:
-            table[state.row, len(blocks) : len(blocks) + len(new_blocks)] = new_blocks
-            blocks.extend(new_blocks)
-        if len(blocks) > width:
-            width = len(blocks)
-        end = start + n
-        assert end <= len(state.token_ids), f"request {request_id}: {end} tokens scheduled, {len(state.token_ids)} known"
-        if n == 1:  # a decode: the common case, without the ranges
-            input_ids.append(state.token_ids[start])
-            positions.append(start)
-            slots.append(blocks[start // bs] * bs + start % bs)
-        else:
-            input_ids.extend(state.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-        seq_lens.append(end)
-        query_start_loc.append(query_start_loc[-1] + n)
-        row_ids.append(state.row)
-        packed.chunks.append((state, start, n))
-        if sample:
-            sample_index[i] = len(packed.sampled)
-            packed.sample_rows.append(query_start_loc[-1] - 1)
-            packed.sampled.append(state)
-            packed.bans.append(bans)
-            sample_row_ids.append(state.row)
-    packed.block_tables = table[row_ids, :width]
-    return packed, sample_row_ids, sample_index
+def _penalties(rows: Rows, sampled_rows: np.ndarray, params: list[SamplingParams]) -> tuple[np.ndarray, ...]:
+    """The penalty inputs, or () when no sampled request has penalties. Requests without them give no tokens
+    (their penalties are neutral anyway)."""
+    on = np.array([p.has_penalties for p in params], bool)
+    if not on.any():
+        return ()
+    values = np.array([(p.repetition_penalty, p.presence_penalty, p.frequency_penalty) for p in params], np.float32).T
+    prompt, total = rows.ints[NUM_PROMPT, sampled_rows], rows.ints[NUM_TOKENS, sampled_rows]
+    num_prompt, num_output = np.where(on, prompt, 0), np.where(on, total - prompt, 0)
+
+    def window(start: np.ndarray, length: np.ndarray) -> np.ndarray:  # tokens[start : start + length] per row, -1 padded
+        cols = np.arange(max(1, int(length.max())))
+        at = np.minimum(start[:, None] + cols, rows.tokens.shape[1] - 1)
+        return np.where(cols < length[:, None], rows.tokens[sampled_rows[:, None], at], -1).astype(np.int64)
+
+    return (values[0], values[1], values[2], window(np.zeros_like(num_prompt), num_prompt),
+            window(prompt, num_output))
+
+
+def step_chunks(states: dict[str, RequestState], step: ScheduledStep) -> list[tuple[RequestState, int, int]]:
+    """(request, first position, tokens) of each request of the step, in packing order."""
+    return list(zip(map(states.__getitem__, step.request_ids), step.num_computed_tokens, step.num_scheduled_tokens))
 
 
 def record_samples(packed: PackedStep, rows: Rows, sampled: SampledTokens) -> None:
     """Append each sampled token to its request's tokens: it is the next step's input."""
-    token_ids = sampled.token_ids
-    for state in packed.sampled:
-        state.token_ids.append(token_ids[state.request_id])
-    rows.ints[2, list(map(_row, packed.sampled))] += 1
+    if ids := packed.sampled_ids:
+        rows.append_tokens(packed.sampled_rows, np.fromiter(map(sampled.token_ids.__getitem__, ids), np.int32, len(ids)))

@@ -9,14 +9,15 @@ step (engine/step.py) carries only what changed.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from transerve.config import EngineConfig
 from transerve.engine.attention import PagedBatch
-from transerve.engine.batch import PackedStep, RequestState, Rows, pack_step, record_samples, update_states
+from transerve.engine.batch import PackedStep, RequestState, Rows, pack_step, step_chunks, record_samples, update_states
 from transerve.engine.compiled_step import CompiledDecode
 from transerve.engine.cuda_graphs import DecodeGraphs
-from transerve.engine.host_tensors import to_device
+from transerve.engine.host_tensors import arrays_to_device
 from transerve.engine.kv_sizing import kv_shape
 from transerve.engine.multimodal import MultimodalRunner, is_vision_language
 from transerve.engine.sampling import sample_step
@@ -69,18 +70,15 @@ class ModelRunner:
         return pack_step(self.requests, self.rows, step, self.block_size)
 
     def paged_batch(self, packed: PackedStep) -> PagedBatch:
-        def tensor(values, dtype):
-            return to_device(values, dtype, self.device)
+        return self._paged_batch(*arrays_to_device(self._attention_arrays(packed), self.device))
 
-        return PagedBatch(
-            kv_caches=self.kv_caches,
-            slot_mapping=tensor(packed.slots, torch.int64),
-            block_tables=tensor(packed.block_tables, torch.int32),
-            seq_lens=tensor(packed.seq_lens, torch.int32),
-            query_start_loc=tensor(packed.query_start_loc, torch.int32),
-            write_kv=self.write_kv,
-            paged_attention=self.paged_attention,
-        )
+    @staticmethod
+    def _attention_arrays(packed: PackedStep) -> list[np.ndarray]:
+        return [packed.slots, packed.block_tables, packed.seq_lens, packed.query_start_loc]
+
+    def _paged_batch(self, slots, block_tables, seq_lens, query_start_loc) -> PagedBatch:
+        return PagedBatch(kv_caches=self.kv_caches, slot_mapping=slots, block_tables=block_tables, seq_lens=seq_lens,
+                          query_start_loc=query_start_loc, write_kv=self.write_kv, paged_attention=self.paged_attention)
 
     @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> SampledTokens:
@@ -88,31 +86,30 @@ class ModelRunner:
         the request's tokens here), with logprobs for those that asked."""
         packed = self.prepare(step)
         input_ids, positions = packed.input_ids, packed.positions
-        # Only partial prefill chunks: fill the cache, sample nothing (the LM head still wants a row).
-        keep = packed.sample_rows or [len(input_ids) - 1]
-
-        def tensor(values, dtype):
-            return to_device(values, dtype, self.device)
-
         mm_inputs = None
         if self.multimodal is not None:  # image embeddings, M-RoPE positions
-            positions, mm_inputs = self.multimodal.step_inputs(packed.chunks, input_ids, positions, self.device)
+            positions, mm_inputs = self.multimodal.step_inputs(step_chunks(self.requests, step), input_ids.tolist(), positions, self.device)
         num_seqs = len(packed.seq_lens)
+        sampler = packed.sampler_arrays()
         logits = None
-        if mm_inputs is None and self.graphs is not None and len(input_ids) == len(keep) == num_seqs and self.graphs.bucket(num_seqs):
+        if mm_inputs is None and self.graphs is not None and packed.is_decode and self.graphs.bucket(num_seqs):
             # A pure decode step (None: its compile failed, and it runs eagerly below).
-            logits = self.graphs.run(input_ids, positions, packed.slots, packed.block_tables, packed.seq_lens)
+            logits = self.graphs.run(input_ids.tolist(), positions.tolist(), packed.slots.tolist(), packed.block_tables,
+                                     packed.seq_lens.tolist())
         if logits is None:
-            batch = self.paged_batch(packed)
-            logits = self.model(
-                **(mm_inputs or {"input_ids": tensor([input_ids], torch.int64), "position_ids": tensor([positions], torch.int64)}),
-                logits_to_keep=tensor(keep, torch.int64),
-                use_cache=False,
-                paged_batch=batch,
-            ).logits[0]
-        if not packed.sampled:
+            # Only partial prefill chunks: fill the cache, sample nothing (the LM head still wants a row).
+            keep = packed.sample_rows if len(packed.sample_rows) else np.array([len(input_ids) - 1], np.int64)
+            # Every input of the step, the sampler's included, in one host-to-device copy.
+            model = [input_ids[None], positions[None], keep, *self._attention_arrays(packed)]
+            tensors = arrays_to_device(model + sampler, self.device)
+            (ids, pos, keep, *attention), sampler = tensors[: len(model)], tensors[len(model) :]
+            logits = self.model(**(mm_inputs or {"input_ids": ids, "position_ids": pos}), logits_to_keep=keep,
+                                use_cache=False, paged_batch=self._paged_batch(*attention)).logits[0]
+        else:
+            sampler = arrays_to_device(sampler, self.device)
+        if not packed.sampled_ids:
             return SampledTokens()
         # contiguous: the CPU LM head may hand back a transposed view (engine/cpu_linear.py).
-        sampled = sample_step(self.sample, logits.float().contiguous(), packed)
+        sampled = sample_step(self.sample, logits.float().contiguous(), packed, sampler)
         record_samples(packed, self.rows, sampled)
         return sampled

@@ -139,7 +139,7 @@ class MultimodalRunner:
                 position_ids[:, packed:packed + n] = mrope_slice(prompt, start, n)
             inputs = {"position_ids": position_ids[:, None, :].to(device)}
         else:
-            inputs = {"position_ids": torch.tensor([positions], dtype=torch.int64, device=device)}
+            inputs = {"position_ids": torch.tensor(positions, dtype=torch.int64, device=device)[None]}
         if merges:
             embeds = self.embed_tokens(ids)
             for packed, rows in merges:

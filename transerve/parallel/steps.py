@@ -88,7 +88,7 @@ def forward_shard(runner: ModelRunner, decoder, step: ScheduledStep, last: Packe
                   sampled: Mapping[str, int]) -> PackedStep:
     """Run `step` on this rank's shard, up to the hidden states (no LM head: only rank 0 samples).
     `last` and `sampled`: the step before and what rank 0 sampled in it, recorded as rank 0 did."""
-    if last is not None and last.sampled:
+    if last is not None and last.sampled_ids:
         record_samples(last, runner.rows, SampledTokens(sampled))
     packed = runner.prepare(step)
     positions = to_device([packed.positions], torch.int64, runner.device)
