@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from conftest import hf_greedy, hf_reference_model
 from transerve.actors.assembly import load
 from transerve.config import CacheConfig, EngineConfig, SchedulerConfig
 from transerve.engine.core import generate
+from transerve.engine.host_tensors import TORCH_DTYPES, arrays_to_device
 from transerve.engine.request import Request, SamplingParams
 
 PROMPT_LENGTHS = [5, 17, 40, 100, 3, 64, 33, 250]
@@ -103,3 +105,14 @@ def test_smollm2_greedy_matches_generate_alone_and_batched(smollm2_dir, tokenize
     outputs = generate(loaded.core, loaded.runner, [Request(str(i), p, greedy(20), seed=0, eos_token_ids=EOS) for i, p in enumerate(prompts)])
     assert [outputs[str(i)] for i in range(len(prompts))] == expected
     assert loaded.core.block_manager.num_free_blocks == 512
+
+
+def test_step_inputs_reach_the_device_as_the_arrays_zero_copy_or_through_one_staged_buffer():
+    """On CPU the tensors are the arrays; staged (as on CUDA, where the buffer is pinned) they are views of one
+    copied buffer, each aligned for its dtype whatever the sizes before it."""
+    arrays = [np.arange(5, dtype=np.int64)[None], np.arange(6, dtype=np.int32).reshape(2, 3),
+              np.array([0.5, 1.0, 2.0], np.float32), np.zeros(0, np.int64), np.array([7], np.int32), np.array([-3], np.int64)]
+    expected = [(TORCH_DTYPES[a.dtype], a.shape, a.tolist()) for a in arrays]
+    for stage in (False, True):
+        tensors = arrays_to_device(arrays, torch.device("cpu"), stage=stage)
+        assert [(t.dtype, tuple(t.shape), t.tolist()) for t in tensors] == expected

@@ -142,6 +142,7 @@ class PackedStep:
     # (repetition, presence, frequency f32; prompt and output token ids i64 [sampled, longest], -1 padded).
     logit_edits: tuple[np.ndarray, ...] = ()
     penalties: tuple[np.ndarray, ...] = ()
+    sampled_token_ids: np.ndarray | None = None  # what sample_step sampled, row by row (on the rank that samples)
 
     @property
     def is_decode(self) -> bool:
@@ -254,6 +255,10 @@ def step_chunks(states: dict[str, RequestState], step: ScheduledStep) -> list[tu
 
 
 def record_samples(packed: PackedStep, rows: Rows, sampled: SampledTokens) -> None:
-    """Append each sampled token to its request's tokens: it is the next step's input."""
+    """Append each sampled token to its request's tokens: it is the next step's input. (The rank that sampled
+    them has them in step order already: packed.sampled_token_ids.)"""
     if ids := packed.sampled_ids:
-        rows.append_tokens(packed.sampled_rows, np.fromiter(map(sampled.token_ids.__getitem__, ids), np.int32, len(ids)))
+        token_ids = packed.sampled_token_ids
+        if token_ids is None:
+            token_ids = np.fromiter(map(sampled.token_ids.__getitem__, ids), np.int32, len(ids))
+        rows.append_tokens(packed.sampled_rows, token_ids)

@@ -14,7 +14,7 @@ import torch
 
 from transerve.config import EngineConfig
 from transerve.engine.attention import PagedBatch
-from transerve.engine.batch import PackedStep, RequestState, Rows, pack_step, step_chunks, record_samples, update_states
+from transerve.engine.batch import PackedStep, RequestState, Rows, pack_step, record_samples, step_chunks, update_states
 from transerve.engine.compiled_step import CompiledDecode
 from transerve.engine.cuda_graphs import DecodeGraphs
 from transerve.engine.host_tensors import arrays_to_device

@@ -39,9 +39,11 @@ def sample_step(sample: Callable, logits: torch.Tensor, packed: PackedStep, inpu
         kwargs["num_logprobs"] = max(wanted)
     out = sample(logits, temperature, top_k, top_p, min_p, seeds, num_output_tokens, **kwargs)
     request_ids = packed.sampled_ids
+    packed.sampled_token_ids = (out if not wanted else out.token_ids).cpu().numpy()
+    token_ids = packed.sampled_token_ids.tolist()
     if not wanted:
-        return SampledTokens(dict(zip(request_ids, out.tolist())))
-    token_ids, chosen = out.token_ids.tolist(), out.logprobs.tolist()
+        return SampledTokens(dict(zip(request_ids, token_ids)))
+    chosen = out.logprobs.tolist()
     top_ids, top_logprobs = out.top_token_ids.tolist(), out.top_logprobs.tolist()
     logprobs = {
         request_ids[i]: SampledLogprobs(chosen[i], tuple(top_ids[i][:n]), tuple(top_logprobs[i][:n]))
