@@ -55,6 +55,8 @@ class Rows:
         self.params: list[SamplingParams | None] = [None] * num_rows
         self.free = list(range(num_rows - 1, -1, -1))
         self.longest = 0  # at least the longest row's token count: the token columns are widened before it
+        self.last_request_ids: tuple[str, ...] = ()  # the last step's, and their rows
+        self.last_row_ids = np.zeros(0, np.int64)
 
     def take(self, new: NewRequest) -> int:
         if not self.free:
@@ -167,7 +169,11 @@ def update_states(states: dict[str, RequestState], rows: Rows, step: ScheduledSt
 def pack_step(states: dict[str, RequestState], rows: Rows, step: ScheduledStep, block_size: int) -> PackedStep:
     """Apply the step's block deltas and lay out its tokens (states must be updated for the step)."""
     n = step.num_requests
-    row_ids = np.fromiter(map(_row, map(states.__getitem__, step.request_ids)), np.int64, n)
+    if step.request_ids == rows.last_request_ids and not step.new_requests:
+        row_ids = rows.last_row_ids  # the same requests as the step before (decoding, mostly): their rows too
+    else:
+        row_ids = np.fromiter(map(_row, map(states.__getitem__, step.request_ids)), np.int64, n)
+        rows.last_request_ids, rows.last_row_ids = step.request_ids, row_ids
     if any(step.new_block_ids):
         rows.add_blocks(row_ids, step.new_block_ids)
     ints = rows.ints[:, row_ids]
