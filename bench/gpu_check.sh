@@ -8,7 +8,7 @@
 #
 #   bash bench/gpu_check.sh            # logs in $OUT/gpu_check.tgz (or ./gpu_check_out), summary printed
 #
-# The step limits add up to 510 s, so a device call of 600 s still prints the summary. Do not pipe the
+# The step limits add up to 580 s, so a device call of 600 s still prints the summary. Do not pipe the
 # script's output: a call killed at its limit kills the whole pipeline and returns none of it.
 #   OFFLINE_ARGS="--tiny --num-requests 4 --output-len 8" SERVE_ARGS="--device cpu" bash bench/gpu_check.sh   # CPU dry run
 # (about 6 min here: the kernel tests interpreted at small shapes, a tiny served model, a light load). The
@@ -52,6 +52,8 @@ else
 fi
 step serve 130 python bench/gpu_serve_check.py --out-dir "$OUT_DIR/serve" ${SERVE_ARGS:-}
 step offline_transerve 80 python bench/offline_throughput.py --json-out "$OUT_DIR/offline.jsonl" ${OFFLINE_ARGS:-}
+# Issue 15's target shape (>= 25,000 output tokens/s on an H100/H200). A dry run keeps its tiny OFFLINE_ARGS.
+step offline_transerve_nano 70 python bench/offline_throughput.py --json-out "$OUT_DIR/offline.jsonl" ${OFFLINE_ARGS:---nano-vllm-shape}
 step offline_transerve_batch1 40 python bench/offline_throughput.py --batch-1 --json-out "$OUT_DIR/offline.jsonl" ${OFFLINE_ARGS:-}
 step offline_hf 90 python bench/offline_throughput.py --engine hf --json-out "$OUT_DIR/offline.jsonl" ${OFFLINE_ARGS:-}
 step kernel_bench 70 python bench/kernel_bench.py --sweep --json-out "$OUT_DIR/kernels.json"

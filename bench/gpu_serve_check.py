@@ -132,10 +132,10 @@ def main() -> int:
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--device", default="cuda", help="cpu: a dry run with a tiny model")
     p.add_argument("--load-args", default=os.environ.get("LOAD_ARGS"),
-                   help="bench/serve_load.py's arguments (default: concurrency 1/32/128 on CUDA, 1/4 in a CPU dry run)")
+                   help="bench/serve_load.py's arguments (default: concurrency 1/32/256 on CUDA, 1/4 in a CPU dry run)")
     args = p.parse_args()
     if args.load_args is None:
-        args.load_args = ("--concurrency 1 32 128 --num-requests 4 64 256 --max-tokens 128 --warmup 4" if args.device != "cpu"
+        args.load_args = ("--concurrency 1 32 256 --num-requests 4 64 512 --max-tokens 256 --warmup 4" if args.device != "cpu"
                           else "--concurrency 1 4 --num-requests 2 4 --max-tokens 16 --warmup 1")
     if args.save_tokenizer:
         save_tokenizer(args.save_tokenizer)
