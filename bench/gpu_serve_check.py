@@ -6,7 +6,8 @@ what is checked is the whole path on CUDA (HTTP, actors, scheduler, Triton kerne
 every answer has the length asked for, that bad input gets a 400 while the server keeps serving, that
 SIGTERM stops it, and the throughput at several concurrencies.
 
-    python bench/gpu_serve_check.py --save-tokenizer .gpu_assets/tokenizer      # here, once (needs the GGUF)
+    python bench/gpu_serve_check.py --save-tokenizer .gpu_assets/tokenizer      # here, once (needs the GGUF;
+                                                                                 # a run here without it saves it first)
     python bench/gpu_serve_check.py --tokenizer .gpu_assets/tokenizer --out-dir /tmp/serve   # on the GPU box
 """
 
@@ -99,6 +100,20 @@ def client_checks(base: str) -> list[str]:
                                         top_p=0.9, seed=7, n=2, extra_body={"ignore_eos": True})
     assert [c.index for c in sampled.choices] == [0, 1] and sampled.usage.completion_tokens == 64, sampled
     lines.append("completions (temperature 0.8, top_p 0.9, n=2): 2 choices, 64 tokens")
+    scored = client.chat.completions.create(model=model, messages=messages, max_tokens=8, logprobs=True, top_logprobs=3,
+                                            extra_body={"ignore_eos": True}, temperature=0)
+    content = scored.choices[0].logprobs.content
+    assert len(content) == 8 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content), scored
+    lines.append("chat (logprobs, top_logprobs=3): 8 tokens scored")
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}}
+    # A random model only calls a tool when made to: "required" is enforced by the grammar (xgrammar on the GPU).
+    called = client.chat.completions.create(model=model, messages=messages, max_tokens=128, tools=[weather],
+                                            tool_choice="required", temperature=0)
+    calls = called.choices[0].message.tool_calls or []
+    assert calls and calls[0].function.name == "get_weather" and "city" in json.loads(calls[0].function.arguments), called
+    lines.append(f"chat (tools, tool_choice=required): get_weather({json.loads(calls[0].function.arguments)}), "
+                 f"finish {called.choices[0].finish_reason}")
     try:
         client.chat.completions.create(model=model, messages=messages, max_tokens=-3)
         raise AssertionError("max_tokens=-3 was accepted")
@@ -116,13 +131,23 @@ def main() -> int:
                    help="where the random model is saved (1 GB: kept out of --out-dir, whose logs travel back)")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--device", default="cuda", help="cpu: a dry run with a tiny model")
-    p.add_argument("--load-args", default=os.environ.get(
-        "LOAD_ARGS", "--concurrency 1 32 128 --num-requests 4 64 256 --max-tokens 128 --warmup 4"))
+    p.add_argument("--load-args", default=os.environ.get("LOAD_ARGS"),
+                   help="bench/serve_load.py's arguments (default: concurrency 1/32/256 on CUDA, 1/4 in a CPU dry run)")
     args = p.parse_args()
+    if args.load_args is None:
+        args.load_args = ("--concurrency 1 32 256 --num-requests 4 64 512 --max-tokens 256 --warmup 4" if args.device != "cpu"
+                          else "--concurrency 1 4 --num-requests 2 4 --max-tokens 16 --warmup 1")
     if args.save_tokenizer:
         save_tokenizer(args.save_tokenizer)
         return 0
 
+    if not Path(args.tokenizer, "tokenizer_config.json").exists():
+        # Here (the GGUF installed) it is saved now; on the GPU box it must have travelled with the checkout.
+        try:
+            save_tokenizer(args.tokenizer)
+        except Exception as exc:
+            raise SystemExit(f"no tokenizer in {args.tokenizer} and it cannot be made here ({exc}); "
+                             f"run `python bench/gpu_serve_check.py --save-tokenizer {args.tokenizer}` where the GGUF is installed")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model_dir)

@@ -7,6 +7,7 @@ tokens/s. The same inputs go to either engine.
     PYTHONPATH=. python bench/offline_throughput.py                      # transerve, 512 requests
     PYTHONPATH=. python bench/offline_throughput.py --engine hf          # transformers generate_batch
     PYTHONPATH=. python bench/offline_throughput.py --batch-1            # one request: latency-bound speed
+    PYTHONPATH=. python bench/offline_throughput.py --nano-vllm-shape    # 256 requests, 100-1024 in and out (issue 15)
     PYTHONPATH=. python bench/offline_throughput.py --tiny --num-requests 4 --output-len 8   # CPU smoke test
     PYTHONPATH=. python bench/offline_throughput.py --model SmolLM2-135M-Instruct --num-requests 32   # a real model
 
@@ -65,6 +66,13 @@ def make_prompts(args, vocab_size: int) -> list[list[int]]:
             for _ in range(args.num_requests)]
 
 
+def output_lens(args) -> list[int]:
+    """Each request's output length: --output-len, or uniform in [--output-len-min, --output-len] when set."""
+    rng = random.Random(args.seed + 1)
+    low = args.output_len_min or args.output_len
+    return [rng.randint(low, args.output_len) for _ in range(args.num_requests)]
+
+
 def num_kv_blocks(model, args, device: torch.device, max_tokens: int) -> int:
     """All the KV cache the workload could use, within `gpu_memory_utilization` of free device memory."""
     needed = -(-max_tokens // args.block_size) + 1
@@ -101,15 +109,15 @@ def run_transerve(args, config, prompts, device, dtype) -> tuple[float, int]:
         num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         precompile(num_heads, num_kv_heads, kv_shape(config)[1], args.block_size, dtype, device)
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
-    params = SamplingParams(max_tokens=args.output_len, temperature=args.temperature, ignore_eos=True)
+    params = [SamplingParams(max_tokens=n, temperature=args.temperature, ignore_eos=True) for n in output_lens(args)]
 
     def requests(batch, tag, params=params):
-        return [Request(f"{tag}{i}", p, params, seed=i) for i, p in enumerate(batch)]
+        return [Request(f"{tag}{i}", p, params[i % len(params)], seed=i) for i, p in enumerate(batch)]
 
     # Warm up: the allocator, cuBLAS, and the kernels at the batch shapes precompile doesn't cover.
     warm = [p[:64] for p in prompts[: min(len(prompts), args.max_num_seqs, 32)]]
     warm_params = SamplingParams(max_tokens=8, temperature=args.temperature, ignore_eos=True)
-    generate(EngineCore(scheduler, blocks, args.block_size, max_model_len), runner, requests(warm, "warm", warm_params))
+    generate(EngineCore(scheduler, blocks, args.block_size, max_model_len), runner, requests(warm, "warm", [warm_params]))
     sync(device)
     print(f"transerve: {blocks} KV blocks of {args.block_size} tokens; max_num_seqs {args.max_num_seqs}, "
           f"max_num_batched_tokens {args.max_num_batched_tokens}", flush=True)
@@ -148,6 +156,10 @@ def main() -> None:
     parser.add_argument("--input-len-min", type=int, default=64)
     parser.add_argument("--input-len-max", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--output-len-min", type=int, default=0, help="random output lengths from this to --output-len "
+                        "(transerve engine only; default: all --output-len)")
+    parser.add_argument("--nano-vllm-shape", action="store_true",
+                        help="nano-vllm's benchmark: 256 requests, prompts and outputs of 100-1024 random tokens")
     parser.add_argument("--batch-1", action="store_true", help="a single request (prompt 128 tokens unless set)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
@@ -164,6 +176,11 @@ def main() -> None:
     parser.add_argument("--json-out", help="append one JSON line with the result")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the compile progress lines
+    if args.nano_vllm_shape:
+        args.num_requests, args.input_len_min, args.input_len_max = 256, 100, 1024
+        args.output_len_min, args.output_len = 100, 1024
+    if args.output_len_min and args.engine == "hf":
+        parser.error("--output-len-min / --nano-vllm-shape: generate_batch takes one max_new_tokens for all requests")
     if args.batch_1:
         args.num_requests = 1
         args.input_len_min = args.input_len_max = 128 if args.input_len_max == 512 else args.input_len_max
@@ -178,9 +195,10 @@ def main() -> None:
     prompts = make_prompts(args, config.vocab_size)
     run = run_transerve if args.engine == "transerve" else run_hf
     elapsed, generated = run(args, config, prompts, device, dtype)
-    expected = args.num_requests * args.output_len
-    label = f"{args.engine}{' batch-1' if args.batch_1 else ''}"
-    print(f"{label}: {args.num_requests} requests, prompts {args.input_len_min}-{args.input_len_max} tokens, "
+    expected = sum(output_lens(args))
+    label = f"{args.engine}{' batch-1' if args.batch_1 else ''}{' nano-vllm shape' if args.nano_vllm_shape else ''}"
+    outputs = f"{args.output_len_min}-{args.output_len}" if args.output_len_min else f"{args.output_len}"
+    print(f"{label}: {args.num_requests} requests, prompts {args.input_len_min}-{args.input_len_max} tokens, outputs {outputs}: "
           f"{generated} output tokens (expected {expected}) in {elapsed:.2f} s: "
           f"{generated / elapsed:,.1f} output tokens/s, "
           f"{(generated + sum(map(len, prompts))) / elapsed:,.1f} total tokens/s", flush=True)

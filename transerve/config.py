@@ -14,8 +14,11 @@ class CacheConfig:
     num_kv_blocks: int | None = None
     memory_fraction: float = 0.9
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto (the weights' dtype) | float32 | float16 | bfloat16; other than auto: CPU only
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"kv_cache_dtype must be auto, float32, float16 or bfloat16, got {self.kv_cache_dtype!r}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -70,8 +70,10 @@ def load(spec: str, config: EngineConfig, allow_download: bool,
         eos_ids.add(tokenizer.eos_token_id)
     defaults = models.generation_defaults(generation_config, dict(config.override_generation_config))
     weights = precision(model)
-    log.info("loaded %s on %s in %s: %d KV blocks of %d tokens, context %d, sampling defaults %s", spec, device, weights,
-             num_kv_blocks, config.cache.block_size, max_model_len, defaults)
+    kv = runner.kv_caches[0][0] if getattr(runner, "kv_caches", None) else None  # a TP rank-0 runner holds them too
+    kv_note = f" ({str(kv.dtype)[6:]}{', committed as used' if kv.device.type == 'cpu' else ''})" if kv is not None else ""
+    log.info("loaded %s on %s in %s: %d KV blocks of %d tokens%s, context %d, sampling defaults %s", spec, device, weights,
+             num_kv_blocks, config.cache.block_size, kv_note, max_model_len, defaults)
     if copy_bytes := transposed_copy_bytes(model):
         log.info("CPU: a transposed copy of the linear weights (%.0f MB) speeds up single-sequence decoding", copy_bytes / 2**20)
     head = model.get_output_embeddings()

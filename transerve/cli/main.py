@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")
     serve.add_argument("--gpu-memory-utilization", "--memory-fraction", dest="memory_fraction", type=float, default=0.9,
                        help="fraction of device memory for model and KV cache when --num-kv-blocks is not set (default: 0.9)")
+    serve.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                       help="KV cache dtype; other than the weights' on CPU only (default: auto, the weights' dtype)")
     serve.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of shared prompt prefixes")
     serve.add_argument("--enforce-eager", action="store_true",
                        help="run decode steps eagerly (no CUDA graphs on CUDA, no compiled steps on CPU)")

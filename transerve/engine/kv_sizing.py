@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from transerve.config import EngineConfig
@@ -27,11 +28,40 @@ def context_length(text_config, config: EngineConfig) -> int:
     return max_model_len
 
 
-def kv_bytes_per_block(model, block_size: int) -> int:
+def kv_cache_dtype(config: EngineConfig, weights_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype: --kv-cache-dtype, or the weights' dtype. Another dtype than the weights' is
+    for CPU only: the reference kernels cast what they read, the Triton kernels expect one dtype."""
+    if config.cache.kv_cache_dtype == "auto":
+        return weights_dtype
+    dtype = getattr(torch, config.cache.kv_cache_dtype)
+    if device.type != "cpu" and dtype != weights_dtype:
+        raise ValueError(f"--kv-cache-dtype {config.cache.kv_cache_dtype} differs from the weights' {weights_dtype}: "
+                         f"only the CPU supports that; leave it auto on {device.type}")
+    return dtype
+
+
+def kv_bytes_per_block(model, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
     text_config = model.config.get_text_config()
     num_kv_heads, head_dim = kv_shape(text_config)
-    element_size = next(model.parameters()).element_size()
+    element_size = (kv_dtype or next(model.parameters()).dtype).itemsize
     return 2 * text_config.num_hidden_layers * block_size * num_kv_heads * head_dim * element_size
+
+
+def allocate_kv_caches(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
+                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zeroed (key, value) caches per layer. On CPU they come from calloc (numpy's zeros), whose large
+    blocks are fresh zero pages the OS commits on first write: an idle server holds only the KV it has
+    used, instead of every byte of a cache sized for the busiest hour."""
+    if device.type != "cpu":
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in range(num_layers)]
+    # numpy has no bfloat16: zeros of the same width, viewed as the dtype.
+    storage = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[dtype]
+
+    def zeros() -> torch.Tensor:
+        return torch.from_numpy(np.zeros(shape, storage)).view(dtype)
+
+    return [(zeros(), zeros()) for _ in range(num_layers)]
 
 
 def choose_num_kv_blocks(model, config: EngineConfig, max_model_len: int) -> int:
@@ -39,8 +69,8 @@ def choose_num_kv_blocks(model, config: EngineConfig, max_model_len: int) -> int
     capped so an idle server does not reserve the machine), never more than max_num_seqs full contexts."""
     if config.cache.num_kv_blocks is not None:
         return config.cache.num_kv_blocks
-    per_block = kv_bytes_per_block(model, config.cache.block_size)
     device = next(model.parameters()).device
+    per_block = kv_bytes_per_block(model, config.cache.block_size, kv_cache_dtype(config, next(model.parameters()).dtype, device))
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         # Leave (1 - fraction) of the card, plus room for activations, for everything else.

@@ -18,7 +18,7 @@ from transerve.engine.batch import PackedStep, RequestState, Rows, pack_step, re
 from transerve.engine.compiled_step import CompiledDecode
 from transerve.engine.cuda_graphs import DecodeGraphs
 from transerve.engine.host_tensors import arrays_to_device
-from transerve.engine.kv_sizing import kv_shape
+from transerve.engine.kv_sizing import allocate_kv_caches, kv_cache_dtype, kv_shape
 from transerve.engine.multimodal import MultimodalRunner, is_vision_language
 from transerve.engine.sampling import sample_step
 from transerve.engine.step import SampledTokens, ScheduledStep
@@ -36,10 +36,8 @@ class ModelRunner:
         text_config = model.config.get_text_config()
         num_kv_heads, head_dim = kv_shape(text_config)
         shape = (num_kv_blocks, self.block_size, num_kv_heads, head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(text_config.num_hidden_layers)
-        ]
+        self.kv_dtype = kv_cache_dtype(config, self.dtype, self.device)
+        self.kv_caches = allocate_kv_caches(text_config.num_hidden_layers, shape, self.kv_dtype, self.device)
         self.write_kv, self.paged_attention, self.sample = kernels_for(self.device)
         self.requests: dict[str, RequestState] = {}  # what the runner keeps between steps
         self.rows = Rows(self.max_blocks_per_seq, config.scheduler.max_num_seqs)
