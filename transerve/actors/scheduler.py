@@ -67,7 +67,9 @@ class SchedulerActor:
                 sent = len(self.in_flight) < self.max_in_flight and self.core.has_work() and await self.send_step()
                 if self.in_flight and (not sent or len(self.in_flight) == self.max_in_flight):
                     await self.apply_result()
-                elif not sent:
+                elif sent:
+                    continue  # async: schedule the next step before this one's result
+                else:
                     # Nothing fits now (preempted requests resume next step). Yield to the event loop so a
                     # scheduler that cannot progress never starves HTTP and the other actors.
                     await anyio.sleep(0)
