@@ -15,7 +15,7 @@ from transerve.config import SchedulerConfig
 from transerve.engine.block_manager import BlockManager
 from transerve.engine.grammar import Matcher, fill_bitmask
 from transerve.engine.request import ContextLengthError, Request, RequestStatus, banned_token_ids, fit_max_tokens
-from transerve.engine.scheduler import Scheduler, Step
+from transerve.engine.scheduler import Scheduler, Step, _new
 from transerve.engine.stats import SchedulerStats
 from transerve.engine.step import NewRequest, SampledTokens, ScheduledStep
 
@@ -98,15 +98,16 @@ class EngineCore:
     def apply(self, step: Step, sampled: SampledTokens) -> list[TokenOutput]:
         """Apply a step's sampled tokens; one output per new token, finished requests removed."""
         outputs = []
+        add = outputs.append
         matchers = self.matchers
         for request in self.scheduler.update(step, sampled.token_ids):
             token_id = request.output_token_ids[-1]
             request_id = request.request_id
-            outputs.append(TokenOutput(request_id, token_id, request.status, len(request.prompt_token_ids),
-                                       request.num_cached_tokens))
+            status = request.status
+            add(_new(TokenOutput, (request_id, token_id, status, len(request.prompt_token_ids), request.num_cached_tokens)))
             if matchers and (matcher := matchers.get(request_id)) is not None:
                 matcher.accept(token_id)
-            if request.status.is_finished:
+            if status.is_finished:
                 del self.requests[request_id]
                 matchers.pop(request_id, None)
                 self.freed_request_ids.append(request_id)

@@ -34,6 +34,9 @@ class ScheduledRequest(NamedTuple):  # a tuple: hundreds are made per step
     samples: bool  # the chunk reaches the end of the request's tokens, so its last logits are sampled
 
 
+_new = tuple.__new__  # builds a NamedTuple in C (its own __new__ is a Python function): once per request per step
+
+
 @dataclass(frozen=True)
 class Step:
     scheduled: tuple[ScheduledRequest, ...]
@@ -58,6 +61,10 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
+        params = request.sampling_params
+        request.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else request.eos_token_ids)
+        request.max_num_tokens = min(request.num_prompt_tokens + (params.max_tokens or self.max_model_len), self.max_model_len)
+        request.needs_known_tokens = params.has_bans or request.constraint is not None
         self.waiting.append(request)
 
     def has_work(self) -> bool:
@@ -68,33 +75,37 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
 
-        allocate_slots = self.block_manager.allocate_slots
+        # Running requests: hundreds per step, so plain attribute arithmetic, no calls for a decode that fits.
+        add = scheduled.append
+        block_size = self.block_manager.block_size
         running = self.running
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
             pending = request.num_pending_tokens
-            if pending and not self._may_run_ahead(request, pending):
+            num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + pending
+            # A token not known yet (async scheduling) that could be the last, or that the next step's bans
+            # or grammar mask depend on: wait for it.
+            if pending and (num_tokens >= request.max_num_tokens or request.needs_known_tokens):
                 i += 1
                 continue
             start = request.num_computed_tokens + request.num_in_flight_tokens
-            num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + pending
-            num_new = min(num_tokens - start, budget)
-            num_blocks = len(request.block_ids)
-            while not allocate_slots(request, num_new):
-                victim = running.pop()
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is request:
-                    break
+            remaining = num_tokens - start
+            num_new = remaining if remaining <= budget else budget
+            block_ids = request.block_ids
+            if start + num_new <= len(block_ids) * block_size:  # the last block has room: most decodes
+                new_blocks = ()
             else:
-                new_blocks = tuple(request.block_ids[num_blocks:]) if len(request.block_ids) > num_blocks else ()
-                samples = start + num_new == num_tokens
-                scheduled.append(ScheduledRequest(request, start, num_new, new_blocks, False, samples))
-                request.num_in_flight_tokens += num_new
-                request.num_pending_tokens += samples
-                budget -= num_new
-                i += 1
+                num_blocks = len(block_ids)
+                if not self._allocate_or_preempt(request, num_new, preempted):
+                    continue  # the request itself was preempted
+                new_blocks = tuple(block_ids[num_blocks:])
+            samples = num_new == remaining
+            add(_new(ScheduledRequest, (request, start, num_new, new_blocks, False, samples)))
+            request.num_in_flight_tokens += num_new
+            request.num_pending_tokens += samples
+            budget -= num_new
+            i += 1
 
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             request = self.waiting[0]
@@ -114,12 +125,16 @@ class Scheduler:
             budget -= num_new
         return Step(tuple(scheduled), tuple(preempted))
 
-    def _may_run_ahead(self, request: Request, pending: int) -> bool:
-        """Whether a request whose last token is not known yet may run its next step now."""
-        params = request.sampling_params
-        num_outputs = len(request.output_token_ids) + pending
-        return (num_outputs < params.max_tokens and len(request.prompt_token_ids) + num_outputs < self.max_model_len
-                and not params.has_bans and request.constraint is None)
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:
+        """Blocks for a running request's chunk, preempting the most recently admitted running requests until
+        they fit; False if that preempted the request itself."""
+        while not self.block_manager.allocate_slots(request, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)
@@ -136,8 +151,11 @@ class Scheduler:
         the step ran (async scheduling) still gets its token, as it would have before its preemption; one
         that finished (a stop, an abort) while the step ran gets nothing."""
         produced = []
+        add = produced.append
+        get = sampled.get
         running, waiting = RequestStatus.RUNNING, RequestStatus.WAITING
         cache_full_blocks = self.block_manager.cache_full_blocks if self.block_manager.enable_prefix_caching else None
+        block_size = self.block_manager.block_size
         for request, _, num_new_tokens, _, _, _ in step.scheduled:
             status = request.status
             if status is running:
@@ -145,27 +163,22 @@ class Scheduler:
                 request.num_in_flight_tokens -= num_new_tokens
             elif status is not waiting:
                 continue  # finished while the step ran
-            token_id = sampled.get(request.request_id)
+            token_id = get(request.request_id)
             if token_id is not None:
                 request.num_pending_tokens -= 1
-                request.output_token_ids.append(token_id)
-                produced.append(request)
-                status = self._stop_status(request, token_id)
-                if status is not None:
-                    self.finish(request, status)
+                outputs = request.output_token_ids
+                outputs.append(token_id)
+                add(request)
+                if token_id in request.stop_ids:
+                    self.finish(request, RequestStatus.FINISHED_STOPPED)
                     continue
-            if cache_full_blocks is not None and request.status is running:
+                if len(request.prompt_token_ids) + len(outputs) >= request.max_num_tokens:
+                    self.finish(request, RequestStatus.FINISHED_LENGTH)
+                    continue
+            # A preempted request has no blocks and nothing computed, so this is False for it.
+            if cache_full_blocks is not None and request.num_computed_tokens // block_size > len(request.block_hashes):
                 cache_full_blocks(request)
         return produced
-
-    def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
-        params = request.sampling_params
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in request.eos_token_ids):
-            return RequestStatus.FINISHED_STOPPED
-        num_output_tokens = len(request.output_token_ids)
-        if num_output_tokens >= params.max_tokens or len(request.prompt_token_ids) + num_output_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Finish a request in any state (also used for aborts); its blocks are free at once."""
