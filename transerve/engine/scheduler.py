@@ -114,6 +114,9 @@ class Scheduler:
             start = request.num_computed_tokens
             num_new = min(request.num_tokens - start, budget)
             if not self.block_manager.allocate_slots(request, num_new):
+                # No waiting request holds blocks: the cached prefix just attached (still cached) goes back,
+                # or requests pushed to the front by preemption would each hold theirs until none could run.
+                self.block_manager.free(request)
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
