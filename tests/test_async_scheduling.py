@@ -194,3 +194,21 @@ def test_async_serving_streams_the_greedy_text_of_synchronous_serving(servers):
     with_async, without = (streamed_answers(server) for server in servers)
     assert with_async == without
     assert {reason for _, reason in without} == {"stop", "length"}  # the stop strings ended some answers
+
+
+def test_a_waiting_request_that_cannot_start_holds_no_blocks():
+    # Preemptions push requests to the queue's front; had each kept the cached prefix it attached while failing
+    # to start, together they could hold every block while none could run (async scheduling's order found it).
+    from transerve.engine.step import SampledTokens
+
+    core = EngineCore(SchedulerConfig(max_num_batched_tokens=64), num_kv_blocks=4, block_size=4, max_model_len=64)
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    a = Request("a", list(range(3, 12)), greedy, seed=0)  # 9 tokens: 3 blocks, the first 2 cached once computed
+    core.add_request(a)
+    step, _ = core.schedule()
+    core.apply(step, SampledTokens({"a": 50}))
+    b = Request("b", list(range(3, 11)) + [60, 61, 62, 63, 64], greedy, seed=0)  # a's 2 cached blocks, then 2 more: 1 is free
+    core.add_request(b)
+    step, scheduled = core.schedule()
+    assert scheduled.request_ids == ("a",) and b.block_ids == [] and b.num_computed_tokens == 0
+    assert core.block_manager.num_free_blocks == 1
