@@ -47,9 +47,10 @@ class FlakyRunner:
         return SampledTokens({rid: 7 for rid, sample in zip(step.request_ids, step.samples) if sample})
 
 
-async def _run_engine(runner, requests: list[TokenizedRequest], publish_stats=lambda stats: None) -> tuple[list, EngineCore]:
+async def _run_engine(runner, requests: list[TokenizedRequest], publish_stats=lambda stats: None,
+                      async_scheduling: bool = True) -> tuple[list, EngineCore]:
     """Scheduler and executor actors around a fake runner; returns what reached the detokenizer."""
-    core = EngineCore(SchedulerConfig(), num_kv_blocks=16, block_size=4, max_model_len=64)
+    core = EngineCore(SchedulerConfig(async_scheduling=async_scheduling), num_kv_blocks=16, block_size=4, max_model_len=64)
     inbox_send, inbox = anyio.create_memory_object_stream(16)
     exec_send, exec_recv = anyio.create_memory_object_stream(1)
     result_send, result_recv = anyio.create_memory_object_stream(1)
@@ -82,13 +83,21 @@ def test_a_failed_step_fails_its_requests_frees_their_blocks_and_the_next_step_r
 
 
 def test_the_scheduler_actor_publishes_the_engine_state_at_start_and_after_each_step():
+    # Step by step as the synchronous loop runs them (async scheduling runs one step more behind a failed one).
     params = SamplingParams(max_tokens=3, temperature=0)
     published: list[SchedulerStats] = []
-    anyio.run(_run_engine, FlakyRunner(RuntimeError("boom")), [TokenizedRequest("a", (1, 2, 3), params)], published.append)
+    anyio.run(_run_engine, FlakyRunner(RuntimeError("boom")), [TokenizedRequest("a", (1, 2, 3), params)], published.append, False)
     assert published == [SchedulerStats(kv_blocks_free=16), SchedulerStats(kv_blocks_free=16, num_failed_steps=1)]
-    runner, published = FlakyRunner(RuntimeError("boom")), []
-    runner.calls = 1  # no failure
-    anyio.run(_run_engine, runner, [TokenizedRequest("c", (1, 2), params)], published.append)
+    published = []
+    anyio.run(_run_engine, FlakyRunner(RuntimeError("boom")), [TokenizedRequest("a", (1, 2, 3), params)], published.append)
+    assert published[0] == SchedulerStats(kv_blocks_free=16) and published[-1] == SchedulerStats(kv_blocks_free=16, num_failed_steps=1)
+    for async_scheduling in (False, True):
+        runner, published = FlakyRunner(RuntimeError("boom")), []
+        runner.calls = 1  # no failure
+        anyio.run(_run_engine, runner, [TokenizedRequest("c", (1, 2), params)], published.append, async_scheduling)
+        assert published[0] == SchedulerStats(kv_blocks_free=16) and len(published) == 4  # at start, then after 3 steps
+        assert all(s.num_running == 1 and s.kv_blocks_used >= 1 for s in published[1:3]), published
+        assert published[-1] == SchedulerStats(kv_blocks_free=16)  # finished: its blocks are free again
     assert published[0] == SchedulerStats(kv_blocks_free=16) and len(published) == 4  # at start, then after 3 steps
     assert all(s.num_running == 1 and s.kv_blocks_used >= 1 for s in published[1:3]), published
     assert published[-1] == SchedulerStats(kv_blocks_free=16)  # finished: its blocks are free again

@@ -42,6 +42,8 @@ class SchedulerConfig:
     # Accepted requests not yet in the running batch; past this an engine answers 429 at once, since a
     # client is better served retrying later (or elsewhere) than by waiting in an unbounded queue.
     max_queued_requests: int = 512
+    # Schedule step N+1 while step N runs, so the model never waits on the host (engine/scheduler.py).
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.max_queued_requests < 0:

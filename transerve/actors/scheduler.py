@@ -1,9 +1,14 @@
-"""Scheduler actor: owns the engine loop. Admit, schedule a step, run it on the executor, apply it."""
+"""Scheduler actor: owns the engine loop. Admit, schedule a step, run it on the executor, apply it.
+
+With async scheduling (the default) the next step is scheduled and queued at the executor before the
+running one's result is applied, so the model runs back to back while this loop applies results,
+streams their tokens and schedules the step after (engine/scheduler.py says how requests run ahead)."""
 
 from __future__ import annotations
 
 import logging
 import random
+from collections import deque
 from collections.abc import Callable
 
 import anyio
@@ -14,6 +19,7 @@ from transerve.actors.messages import (
 )
 from transerve.engine.core import EngineCore, TokenOutput
 from transerve.engine.request import Request
+from transerve.engine.scheduler import Step
 from transerve.engine.stats import SchedulerStats
 from transerve.engine.step import SampledLogprobs
 
@@ -44,19 +50,29 @@ class SchedulerActor:
         self.to_detokenizer = to_detokenizer
         self.closing = False
         self.publish_stats = publish_stats  # the engine's state for /metrics, after each step and message
+        # Steps sent to the executor whose results are not applied yet, oldest first; at most this many.
+        self.in_flight: deque[Step] = deque()
+        self.max_in_flight = 2 if core.scheduler.config.async_scheduling else 1
         publish_stats(core.stats())
 
     async def run(self) -> None:
         async with self.inbox, self.to_executor, self.from_executor, self.to_detokenizer:
-            while not (self.closing and not self.core.has_work()):
-                if not self.core.has_work():
+            while not (self.closing and not self.core.has_work() and not self.in_flight):
+                if not self.core.has_work() and not self.in_flight:
                     try:
                         await self.handle(await self.inbox.receive())
                     except anyio.EndOfStream:
                         return
                 await self.drain_inbox()
-                if self.core.has_work():
-                    await self.run_step()
+                sent = len(self.in_flight) < self.max_in_flight and self.core.has_work() and await self.send_step()
+                if self.in_flight and (not sent or len(self.in_flight) == self.max_in_flight):
+                    await self.apply_result()
+                elif sent:
+                    continue  # async: schedule the next step before this one's result
+                else:
+                    # Nothing fits now (preempted requests resume next step). Yield to the event loop so a
+                    # scheduler that cannot progress never starves HTTP and the other actors.
+                    await anyio.sleep(0)
                 self.publish_stats(self.core.stats())
 
     async def drain_inbox(self) -> None:
@@ -91,14 +107,18 @@ class SchedulerActor:
                 request.request_id, "the prompt needs more KV cache than this server has; raise --num-kv-blocks", 400, "messages"
             ))
 
-    async def run_step(self) -> None:
+    async def send_step(self) -> bool:
+        """Schedule a step and queue it at the executor; False if no request could run."""
         step, scheduled = self.core.schedule()
         if not scheduled.num_requests:
-            # Nothing fits now (preempted requests resume next step). Yield to the event loop so a
-            # scheduler that cannot progress never starves HTTP and the other actors.
-            await anyio.sleep(0)
-            return
+            return False
         await self.to_executor.send(ExecuteStep(scheduled))
+        self.in_flight.append(step)
+        return True
+
+    async def apply_result(self) -> None:
+        """Wait for the oldest step in flight, apply its result and send its tokens on."""
+        step = self.in_flight.popleft()
         result = await self.from_executor.receive()
         if result.error is not None:
             outputs = self.core.fail(step)

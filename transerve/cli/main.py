@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most requests in one batch (default: 64 on CPU, 256 on CUDA)")
     serve.add_argument("--max-num-batched-tokens", type=int, default=None,
                        help="token budget of one step; longer prompts are prefilled in chunks (default: 1024 on CPU, 8192 on CUDA)")
+    serve.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                       help="schedule the next step while the model runs this one, so host work overlaps the "
+                            "model; the same tokens either way (default: on)")
     serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default: 16)")
     serve.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")

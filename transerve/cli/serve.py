@@ -44,7 +44,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                               memory_fraction=args.memory_fraction, enable_prefix_caching=not args.no_prefix_caching,
                               kv_cache_dtype=args.kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                      max_model_len=args.max_model_len, max_queued_requests=args.max_queued_requests),
+                                      max_model_len=args.max_model_len, max_queued_requests=args.max_queued_requests,
+                                      async_scheduling=args.async_scheduling),
             override_generation_config=_json_object("--override-generation-config", args.override_generation_config),
         ),
     )

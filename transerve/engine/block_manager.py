@@ -71,8 +71,9 @@ class BlockManager:
             request.num_cached_tokens = request.num_computed_tokens
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Make room for `num_new_tokens` more tokens; False (and nothing changed) if blocks run out."""
-        num_tokens = request.num_computed_tokens + num_new_tokens
+        """Make room for `num_new_tokens` more tokens after those computed and in flight; False (and nothing
+        changed) if blocks run out."""
+        num_tokens = request.num_computed_tokens + request.num_in_flight_tokens + num_new_tokens
         if num_tokens <= len(request.block_ids) * self.block_size:  # most decodes: the last block has room
             return True
         needed = -(-num_tokens // self.block_size) - len(request.block_ids)

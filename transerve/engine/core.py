@@ -7,13 +7,15 @@ benchmark; the server drives the same two calls from the scheduler and executor 
 from __future__ import annotations
 
 import operator
+from collections import deque
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from transerve.config import SchedulerConfig
 from transerve.engine.block_manager import BlockManager
 from transerve.engine.grammar import Matcher, fill_bitmask
 from transerve.engine.request import ContextLengthError, Request, RequestStatus, banned_token_ids, fit_max_tokens
-from transerve.engine.scheduler import Scheduler, Step
+from transerve.engine.scheduler import Scheduler, Step, _new
 from transerve.engine.stats import SchedulerStats
 from transerve.engine.step import NewRequest, SampledTokens, ScheduledStep
 
@@ -78,7 +80,7 @@ class EngineCore:
         if not step.scheduled:
             return step, EMPTY_STEP
         # Column by column (C-level getters): this runs for every request in every step.
-        requests, num_new_tokens, new_block_ids, is_new, samples = zip(*step.scheduled)
+        requests, starts, num_new_tokens, new_block_ids, is_new, samples = zip(*step.scheduled)
         new_requests = tuple(NewRequest(r.request_id, tuple(r.prompt_token_ids), tuple(r.output_token_ids), r.sampling_params,
                                         r.seed, r.multimodal) for r, new in zip(requests, is_new) if new) if any(is_new) else ()
         bans = ((),) * len(requests)
@@ -91,21 +93,21 @@ class EngineCore:
                     mask_rows.append(i)
                     matchers.append(matcher)
         freed, self.freed_request_ids = tuple(self.freed_request_ids), []
-        return step, ScheduledStep(new_requests, tuple(map(_request_id, requests)), tuple(map(_num_computed, requests)),
-                                   num_new_tokens, new_block_ids, samples, bans, freed, fill_bitmask(mask_rows, matchers))
+        return step, ScheduledStep(new_requests, tuple(map(_request_id, requests)), starts, num_new_tokens, new_block_ids, samples, bans, freed, fill_bitmask(mask_rows, matchers))
 
     def apply(self, step: Step, sampled: SampledTokens) -> list[TokenOutput]:
         """Apply a step's sampled tokens; one output per new token, finished requests removed."""
         outputs = []
+        add = outputs.append
         matchers = self.matchers
         for request in self.scheduler.update(step, sampled.token_ids):
             token_id = request.output_token_ids[-1]
             request_id = request.request_id
-            outputs.append(TokenOutput(request_id, token_id, request.status, len(request.prompt_token_ids),
-                                       request.num_cached_tokens))
+            status = request.status
+            add(_new(TokenOutput, (request_id, token_id, status, len(request.prompt_token_ids), request.num_cached_tokens)))
             if matchers and (matcher := matchers.get(request_id)) is not None:
                 matcher.accept(token_id)
-            if request.status.is_finished:
+            if status.is_finished:
                 del self.requests[request_id]
                 matchers.pop(request_id, None)
                 self.freed_request_ids.append(request_id)
@@ -127,20 +129,37 @@ class EngineCore:
 
 
 EMPTY_STEP = ScheduledStep((), (), (), (), (), (), ())
-_request_id, _num_computed = operator.attrgetter("request_id"), operator.attrgetter("num_computed_tokens")
+_request_id = operator.attrgetter("request_id")
 _has_bans = operator.attrgetter("sampling_params.has_bans")
 
 
-def generate(core: EngineCore, runner, requests: list[Request]) -> dict[str, list[int]]:
+def generate(core: EngineCore, runner, requests: list[Request], pipelined: bool | None = None) -> dict[str, list[int]]:
     """Run requests to completion in one process, without actors; returns output ids by request."""
     outputs: dict[str, list[int]] = {r.request_id: [] for r in requests}
     for request in requests:
         if not core.add_request(request):
             raise ValueError(f"request {request.request_id} does not fit in the KV cache")
-    while core.has_work():
-        step, scheduled = core.schedule()
-        if not scheduled.num_requests:
-            raise RuntimeError("no request fits in the KV cache")
-        for out in core.apply(step, runner.execute(scheduled)):
+    for step_outputs in run_steps(core, runner, pipelined):
+        for out in step_outputs:
             outputs[out.request_id].append(out.token_id)
     return outputs
+
+
+def run_steps(core: EngineCore, runner, pipelined: bool | None = None) -> Iterator[list[TokenOutput]]:
+    """Run steps until the core has no work, yielding each applied step's outputs (the caller may add and abort
+    requests in between). `pipelined` (default: the config's async_scheduling) schedules step N+1 before step
+    N is applied, in the order the scheduler actor does: the same tokens, one step run ahead."""
+    if pipelined is None:
+        pipelined = core.scheduler.config.async_scheduling
+    depth = 2 if pipelined else 1
+    in_flight: deque[tuple[Step, SampledTokens]] = deque()
+    while core.has_work() or in_flight:
+        sent = False
+        if len(in_flight) < depth and core.has_work():
+            step, scheduled = core.schedule()
+            if sent := scheduled.num_requests > 0:
+                in_flight.append((step, runner.execute(scheduled)))
+        if in_flight and (len(in_flight) == depth or not sent):
+            yield core.apply(*in_flight.popleft())
+        elif not sent:
+            raise RuntimeError("no request fits in the KV cache")

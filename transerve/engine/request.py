@@ -132,6 +132,14 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    # Async scheduling: a step is scheduled before the one in front of it is applied. Tokens of steps not yet
+    # applied, and tokens those steps sample that the core has not seen yet (the runner feeds them in itself).
+    num_in_flight_tokens: int = 0
+    num_pending_tokens: int = 0
+    # Set when the scheduler takes the request (Scheduler.add); read for every token: what ends it.
+    stop_ids: frozenset[int] = frozenset()  # its stop token ids, and end of sequence unless ignore_eos
+    max_num_tokens: int = 0  # prompt and max_tokens, within the context length
+    needs_known_tokens: bool = False  # its bans or grammar mask are computed from its tokens: never runs ahead
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks, for prefix caching
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache on first admission

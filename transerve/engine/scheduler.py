@@ -4,6 +4,13 @@ Every step has a token budget. Running requests go first (a decode is one token,
 prefill continues with the next chunk), then waiting requests join while budget, sequence slots and
 KV blocks last. When a running request cannot get a block, the most recently admitted running request
 is preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed.
+
+Async scheduling (as vLLM's num_output_placeholders): step N+1 may be scheduled before step N is applied.
+A request's next chunk then starts after its tokens in flight, and a token that step N samples counts as
+one of its tokens before its value is known: the runner appends it and feeds it in. A request runs ahead
+only when nothing of step N+1 depends on that value: not when it could be its last token, nor when its
+bans or grammar are computed from its tokens here; then it waits one step. In the synchronous loop nothing
+is in flight at schedule time, and all of this is the plain policy above.
 """
 
 from __future__ import annotations
@@ -20,10 +27,14 @@ from transerve.engine.request import Request, RequestStatus
 
 class ScheduledRequest(NamedTuple):  # a tuple: hundreds are made per step
     request: Request
+    start: int  # the position of the chunk's first token
     num_new_tokens: int
     new_block_ids: tuple[int, ...]  # blocks allocated this step; all of a newly admitted request's blocks
     is_new: bool  # admitted this step (fresh, or resumed after preemption): the runner has no state for it
     samples: bool  # the chunk reaches the end of the request's tokens, so its last logits are sampled
+
+
+_new = tuple.__new__  # builds a NamedTuple in C (its own __new__ is a Python function): once per request per step
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,10 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
+        params = request.sampling_params
+        request.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else request.eos_token_ids)
+        request.max_num_tokens = min(request.num_prompt_tokens + (params.max_tokens or self.max_model_len), self.max_model_len)
+        request.needs_known_tokens = params.has_bans or request.constraint is not None
         self.waiting.append(request)
 
     def has_work(self) -> bool:
@@ -60,45 +75,74 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
 
-        allocate_slots = self.block_manager.allocate_slots
+        # Running requests: hundreds per step, so plain attribute arithmetic, no calls for a decode that fits.
+        add = scheduled.append
+        block_size = self.block_manager.block_size
         running = self.running
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
-            num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)
-            num_new = min(num_tokens - request.num_computed_tokens, budget)
-            num_blocks = len(request.block_ids)
-            while not allocate_slots(request, num_new):
-                victim = running.pop()
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is request:
-                    break
-            else:
-                new_blocks = tuple(request.block_ids[num_blocks:]) if len(request.block_ids) > num_blocks else ()
-                samples = request.num_computed_tokens + num_new == num_tokens
-                scheduled.append(ScheduledRequest(request, num_new, new_blocks, False, samples))
-                budget -= num_new
+            pending = request.num_pending_tokens
+            num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + pending
+            # A token not known yet (async scheduling) that could be the last, or that the next step's bans
+            # or grammar mask depend on: wait for it.
+            if pending and (num_tokens >= request.max_num_tokens or request.needs_known_tokens):
                 i += 1
+                continue
+            start = request.num_computed_tokens + request.num_in_flight_tokens
+            remaining = num_tokens - start
+            num_new = remaining if remaining <= budget else budget
+            block_ids = request.block_ids
+            if start + num_new <= len(block_ids) * block_size:  # the last block has room: most decodes
+                new_blocks = ()
+            else:
+                num_blocks = len(block_ids)
+                if not self._allocate_or_preempt(request, num_new, preempted):
+                    continue  # the request itself was preempted
+                new_blocks = tuple(block_ids[num_blocks:])
+            samples = num_new == remaining
+            add(_new(ScheduledRequest, (request, start, num_new, new_blocks, False, samples)))
+            request.num_in_flight_tokens += num_new
+            request.num_pending_tokens += samples
+            budget -= num_new
+            i += 1
 
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             request = self.waiting[0]
             if request.num_computed_tokens == 0 and not request.block_ids:
                 self.block_manager.allocate_cached_prefix(request)
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            start = request.num_computed_tokens
+            num_new = min(request.num_tokens - start, budget)
             if not self.block_manager.allocate_slots(request, num_new):
+                # No waiting request holds blocks: the cached prefix just attached (still cached) goes back,
+                # or requests pushed to the front by preemption would each hold theirs until none could run.
+                self.block_manager.free(request)
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            samples = request.num_computed_tokens + num_new == request.num_tokens
-            scheduled.append(ScheduledRequest(request, num_new, tuple(request.block_ids), True, samples))
+            samples = start + num_new == request.num_tokens
+            scheduled.append(ScheduledRequest(request, start, num_new, tuple(request.block_ids), True, samples))
+            request.num_in_flight_tokens += num_new
+            request.num_pending_tokens += samples
             budget -= num_new
         return Step(tuple(scheduled), tuple(preempted))
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:
+        """Blocks for a running request's chunk, preempting the most recently admitted running requests until
+        they fit; False if that preempted the request itself."""
+        while not self.block_manager.allocate_slots(request, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)
         request.status = RequestStatus.WAITING
+        request.num_in_flight_tokens = 0  # its steps in flight still sample: num_pending_tokens stays
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -106,34 +150,38 @@ class Scheduler:
     def update(self, step: Step, sampled: Mapping[str, int]) -> list[Request]:
         """Apply a finished step: count computed tokens, append sampled tokens, finish requests.
 
-        Returns the requests that produced a token this step, finished or not."""
+        Returns the requests that produced a token this step, finished or not. A request preempted while
+        the step ran (async scheduling) still gets its token, as it would have before its preemption; one
+        that finished (a stop, an abort) while the step ran gets nothing."""
         produced = []
-        running = RequestStatus.RUNNING
+        add = produced.append
+        get = sampled.get
+        running, waiting = RequestStatus.RUNNING, RequestStatus.WAITING
         cache_full_blocks = self.block_manager.cache_full_blocks if self.block_manager.enable_prefix_caching else None
-        for request, num_new_tokens, _, _, _ in step.scheduled:
-            if request.status is not running:
-                continue  # aborted while the step ran
-            request.num_computed_tokens += num_new_tokens
-            token_id = sampled.get(request.request_id)
+        block_size = self.block_manager.block_size
+        for request, _, num_new_tokens, _, _, _ in step.scheduled:
+            status = request.status
+            if status is running:
+                request.num_computed_tokens += num_new_tokens
+                request.num_in_flight_tokens -= num_new_tokens
+            elif status is not waiting:
+                continue  # finished while the step ran
+            token_id = get(request.request_id)
             if token_id is not None:
-                request.output_token_ids.append(token_id)
-                produced.append(request)
-                status = self._stop_status(request, token_id)
-                if status is not None:
-                    self.finish(request, status)
+                request.num_pending_tokens -= 1
+                outputs = request.output_token_ids
+                outputs.append(token_id)
+                add(request)
+                if token_id in request.stop_ids:
+                    self.finish(request, RequestStatus.FINISHED_STOPPED)
                     continue
-            if cache_full_blocks is not None:
+                if len(request.prompt_token_ids) + len(outputs) >= request.max_num_tokens:
+                    self.finish(request, RequestStatus.FINISHED_LENGTH)
+                    continue
+            # A preempted request has no blocks and nothing computed, so this is False for it.
+            if cache_full_blocks is not None and request.num_computed_tokens // block_size > len(request.block_hashes):
                 cache_full_blocks(request)
         return produced
-
-    def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
-        params = request.sampling_params
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in request.eos_token_ids):
-            return RequestStatus.FINISHED_STOPPED
-        num_output_tokens = len(request.output_token_ids)
-        if num_output_tokens >= params.max_tokens or len(request.prompt_token_ids) + num_output_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Finish a request in any state (also used for aborts); its blocks are free at once."""

@@ -13,7 +13,7 @@ unless it finishes the request; until a request's id comes back in `freed_reques
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +65,22 @@ class ScheduledStep:
     @property
     def num_tokens(self) -> int:
         return sum(self.num_scheduled_tokens)
+
+    def without(self, request_ids: Collection[str]) -> ScheduledStep:
+        """This step less the entries of `request_ids`: the requests of a failed step, in the step queued behind
+        it (async scheduling), whose input is a token that was never sampled; the core fails them."""
+        keep = [i for i, request_id in enumerate(self.request_ids) if request_id not in request_ids]
+        if len(keep) == self.num_requests:
+            return self
+        mask = self.token_bitmask
+        if mask is not None:
+            renumber = {old: new for new, old in enumerate(keep)}
+            kept_rows = [k for k, row in enumerate(mask.rows) if row in renumber]
+            mask = TokenBitmask(tuple(renumber[mask.rows[k]] for k in kept_rows), mask.words[kept_rows]) if kept_rows else None
+        columns = (self.request_ids, self.num_computed_tokens, self.num_scheduled_tokens, self.new_block_ids, self.samples,
+                   self.banned_token_ids)
+        return ScheduledStep(tuple(new for new in self.new_requests if new.request_id not in request_ids),
+                             *(tuple(column[i] for i in keep) for column in columns), self.freed_request_ids, mask)
 
 
 @dataclass(frozen=True)
