@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import mmap
 from typing import Callable
 
-import numpy as np
 import torch
 
 from transerve.config import EngineConfig
@@ -49,17 +50,17 @@ def kv_bytes_per_block(model, block_size: int, kv_dtype: torch.dtype | None = No
 
 def allocate_kv_caches(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
                        device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zeroed (key, value) caches per layer. On CPU they come from calloc (numpy's zeros), whose large
-    blocks are fresh zero pages the OS commits on first write: an idle server holds only the KV it has
-    used, instead of every byte of a cache sized for the busiest hour."""
+    """Zeroed (key, value) caches per layer. On CPU each is an anonymous memory map: zero pages the OS
+    commits on first write, so an idle server holds only the KV it has used, instead of every byte of a
+    cache sized for the busiest hour (malloc'd memory may be recycled and written at allocation)."""
     if device.type != "cpu":
         return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                 for _ in range(num_layers)]
-    # numpy has no bfloat16: zeros of the same width, viewed as the dtype.
-    storage = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[dtype]
+    nbytes = math.prod(shape) * dtype.itemsize
 
     def zeros() -> torch.Tensor:
-        return torch.from_numpy(np.zeros(shape, storage)).view(dtype)
+        # The tensor keeps the map alive; torch warns that the buffer is not writable only for read-only maps.
+        return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=math.prod(shape)).view(shape)
 
     return [(zeros(), zeros()) for _ in range(num_layers)]
 
