@@ -9,7 +9,8 @@ and each write to its socket carries every token that is ready. With one delta w
 A merged delta reads exactly like the deltas it replaces: texts, token ids and logprobs concatenate in
 order, a tool call's argument pieces join, the finish and usage of the last one stand. Deltas of
 different kinds (thoughts, answer text, tool calls) are not merged, because the Responses and Messages
-streams open one output item per kind in order, and a thought's logprobs must not become the answer's.
+streams open one output item per kind in order, and a thought's logprobs must not become the answer's;
+nor are tool-call deltas with logprobs (see `_Merged.accepts`).
 
 Memory is bounded by the choices' token budgets (`capacity` events), as a memory object stream's buffer
 is; merging only ever shrinks it. The handler waits on a bare asyncio future: Quart and hypercorn run on
@@ -48,7 +49,11 @@ class _Merged:
 
     def accepts(self, delta: TextDelta) -> bool:
         kind = _kind(delta)
-        return self.finish_reason is None and bool(self.kind) and (kind == "" or kind == self.kind)
+        if self.finish_reason is not None or not self.kind or kind not in ("", self.kind):
+            return False
+        # A tool call's first piece closes the answer's message item: logprobs after it are no longer the
+        # message's (the Responses stream), so they must not ride on a delta read before that point.
+        return self.kind != "tools" or not delta.logprobs
 
     def add(self, delta: TextDelta) -> None:
         self.texts.append(delta.text)
