@@ -29,9 +29,12 @@ from transerve.actors.messages import RequestError, RequestEvent, TextDelta, Tok
 
 
 def _kind(delta: TextDelta) -> str | None:
-    """The one kind of content a delta carries ("" when none, None when mixed)."""
-    kinds = [k for k, present in (("reasoning", delta.reasoning), ("text", delta.text), ("tools", delta.tool_calls)) if present]
-    return kinds[0] if len(kinds) == 1 else ("" if not kinds else None)
+    """The one kind of content a delta carries ("" when none, None when mixed); per token, so plain ifs."""
+    if delta.tool_calls:
+        return None if delta.text or delta.reasoning else "tools"
+    if delta.text:
+        return None if delta.reasoning else "text"
+    return "reasoning" if delta.reasoning else ""
 
 
 class _Merged:
@@ -99,7 +102,7 @@ class DeltaStream:
         if self._closed:
             raise anyio.BrokenResourceError  # the handler is gone
         events = self._events
-        if isinstance(event, TextDelta):
+        if events and isinstance(event, TextDelta):
             for position in range(len(events) - 1, -1, -1):  # the choice's newest waiting event, if any
                 waiting = events[position]
                 if isinstance(waiting, RequestError):
