@@ -36,17 +36,18 @@ async def stream(shape: StreamShape, first: RequestEvent, events: AsyncIterator[
     """Every stream's loop: `first` (already taken, see first_event), then the rest; a failure ends the
     stream with the endpoint's own error chunks, never with a cut connection. Each event's chunks go out
     as one body, so one socket write (hypercorn's cost per body dominates a small chunk's)."""
-    body = b"".join(shape.start())  # `first` is there already: it goes out in the same write
+    body = b"".join(shape.start())
+    if body:
+        yield body
     async with aclosing(events):
         event = first
         while event is not None:
             if isinstance(event, RequestError):
-                yield body + b"".join(shape.failed(event))
+                yield b"".join(shape.failed(event))
                 return
-            body += b"".join(shape.delta(event))
+            body = b"".join(shape.delta(event))
             if body:
                 yield body
-            body = b""
             event = await anext(events, None)
     body = b"".join(shape.ended())
     if body:
