@@ -246,7 +246,8 @@ def test_a_failure_mid_stream_ends_with_an_error_event():
         shape = MessageStream({"id": "msg_1", "type": "message", "role": "assistant", "model": "m"})
         return [chunk async for chunk in stream(shape, TextDelta("Hel", (5,)), events())]
 
-    blocks = [chunk.decode() for chunk in anyio.run(run)]
+    # The stream sends each event's SSE frames in one write: the client reads them frame by frame.
+    blocks = [frame for frame in b"".join(anyio.run(run)).decode().split("\n\n") if frame]
     kinds = [block.split("\n", 1)[0].removeprefix("event: ") for block in blocks]
     assert kinds == ["message_start", "content_block_start", "content_block_delta", "error"]
     error = ErrorResponse.model_validate(json.loads(blocks[-1].split("data: ", 1)[1]))

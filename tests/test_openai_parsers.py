@@ -129,7 +129,8 @@ def test_responses_stream_ends_with_response_failed_when_the_engine_fails():
         base = response_base(ResponsesRequest.parse('{"input": "x"}'), "m", 1.0, 1.0)
         return [chunk async for chunk in stream(ResponseStream(base, False), TextDelta("Hel", (5,)), events())]
 
-    chunks = anyio.run(run)
+    # The stream sends each event's SSE frames in one write: the client reads them frame by frame.
+    chunks = [frame for frame in b"".join(anyio.run(run)).split(b"\n\n") if frame]
     adapter = TypeAdapter(ResponseStreamEvent)
     parsed = [adapter.validate_python(json.loads(c.decode().split("data: ", 1)[1])) for c in chunks]
     assert [p.sequence_number for p in parsed] == list(range(len(parsed)))

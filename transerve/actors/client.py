@@ -19,6 +19,7 @@ from anyio.abc import ObjectSendStream
 
 from transerve.actors.admission import Admission
 from transerve.actors.assembly import LoadedModel
+from transerve.actors.delta_stream import DeltaStream
 from transerve.actors.messages import Abort, OutputOptions, RequestError, RequestEvent, TokenizeRequest
 from transerve.actors.metrics import EngineMetrics
 from transerve.actors.tokenizer import build_prompt
@@ -85,37 +86,32 @@ class EngineClient:
 
     async def generate(self, requests: Sequence[GenerateRequest]) -> AsyncIterator[RequestEvent]:
         request_ids = [uuid.uuid4().hex for _ in requests]
-        # One slot per possible token plus the final event, per choice: the detokenizer never waits on a client.
+        # One slot per possible token plus the final event, per choice: the detokenizer never waits on a client
+        # (a lagging client's deltas are merged, so the stream rarely holds more than one per choice).
         size = sum(min(r.sampling_params.max_tokens or self.max_model_len, self.max_model_len) + 2 for r in requests)
         self.admission.enter(len(requests))  # raises EngineOverloadedError (429) when the queue is full
-        sink, source = anyio.create_memory_object_stream[RequestEvent](size)
+        events = DeltaStream(size)
         trackers = self.metrics.track(self.model_id, len(requests))
         self.in_flight += 1
         try:
-            async with source:
+            try:
+                # Every choice's send end exists before the first is sent, so an early finish cannot end the stream.
+                senders = [events.sender() for _ in requests]
+                for index, (request_id, r, sender) in enumerate(zip(request_ids, requests, senders)):
+                    await self._tokenizer_inbox.send(_tokenize_request(request_id, r, sender, index))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                trackers.fail()
+                yield RequestError("this model was just unloaded; send the request again", 503)
+                return
+            while True:
                 try:
-                    with sink:  # each choice holds its own clone; the stream ends when all are closed
-                        for index, (request_id, r) in enumerate(zip(request_ids, requests)):
-                            await self._tokenizer_inbox.send(_tokenize_request(request_id, r, sink.clone(), index))
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    trackers.fail()
-                    yield RequestError("this model was just unloaded; send the request again", 503)
-                    return
-                while True:
-                    # What is already there is taken without awaiting: `receive()` costs an event-loop
-                    # round trip (a checkpoint) per event even when one is waiting.
-                    try:
-                        event = source.receive_nowait()
-                    except anyio.WouldBlock:
-                        try:
-                            event = await source.receive()
-                        except anyio.EndOfStream:
-                            break
-                    except anyio.EndOfStream:
-                        break
-                    trackers.on_event(event)
-                    yield event
+                    event = await events.receive()  # what waits is taken without a trip through the event loop
+                except anyio.EndOfStream:
+                    break
+                trackers.on_event(event)
+                yield event
         finally:
+            events.close()
             self.in_flight -= 1
             self.admission.leave(len(requests))
             trackers.finish()

@@ -177,7 +177,7 @@ async def detokenizer_actor(tokenizer, inbox: ObjectReceiveStream[OpenStream | S
                     stream = streams.pop(message.request_id, None)
                     if stream is not None:
                         error = RequestError(message.message, message.status_code, message.param, stream.index)
-                        await _send(stream, error, close=True)
+                        _send(stream, error, close=True)
                 else:
                     for token in message.tokens:
                         stream = streams.get(token.request_id)
@@ -186,7 +186,7 @@ async def detokenizer_actor(tokenizer, inbox: ObjectReceiveStream[OpenStream | S
         finally:
             with anyio.CancelScope(shield=True):
                 for stream in streams.values():  # shutting down: no request is left hanging
-                    await _send(stream, RequestError("the server is shutting down", 503, index=stream.index), close=True)
+                    _send(stream, RequestError("the server is shutting down", 503, index=stream.index), close=True)
 
 
 async def _on_token(stream: Stream, token: NewToken, texts: TokenTexts) -> bool:
@@ -221,11 +221,11 @@ async def _on_token(stream: Stream, token: NewToken, texts: TokenTexts) -> bool:
                       tuple(stream.pending_logprobs), decoder.matched if finish_reason == "stop" else None)
     stream.pending_ids.clear()
     stream.pending_logprobs.clear()
-    await _send(stream, event, close=final)
+    _send(stream, event, close=final)
     return final
 
 
-async def _send(stream: Stream, event: RequestEvent, close: bool) -> None:
+def _send(stream: Stream, event: RequestEvent, close: bool) -> None:
     try:
         stream.sink.send_nowait(event)  # sized for every event of the request: never blocks
     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
