@@ -55,6 +55,7 @@ for round in $(seq "$ROUNDS"); do
     for server in $SERVERS; do
         case $server in
             transerve-f32) transerve "$server" --quantization none ;;
+            transerve-f32-sync) transerve "$server" --quantization none --no-async-scheduling ;;
             transerve-q4) transerve "$server" --quantization gguf ;;
             transerve-q4-compile) transerve "$server" --quantization gguf --compile ;;
             transerve-f32-compile) transerve "$server" --quantization none --compile ;;
