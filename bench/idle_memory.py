@@ -70,10 +70,11 @@ def measure(label: str, command: list[str], port: int, fill_tokens: int) -> tupl
         idle = tree_rss_bytes(proc.pid)
         filled = None
         if fill_tokens:
-            # Distinct long prompts (no shared prefix beyond the template) until the cache holds fill_tokens.
-            per_request = 1500
-            for i in range(fill_tokens // per_request):
-                chat(base, f"{i} " + " ".join(f"word{i}x{j}" for j in range(per_request // 4)), 4)
+            # Distinct long prompts (no shared prefix beyond the template) until the cache holds fill_tokens;
+            # ~800 tokens each, within a llama-server slot's share of the context (32768 / 32 = 1024).
+            per_request = 800
+            for i in range(fill_tokens // per_request):  # the words are ~6-8 tokens each
+                chat(base, f"{i} " + " ".join(f"word{i}x{j}" for j in range(per_request // 8)), 4)
             time.sleep(2)
             filled = tree_rss_bytes(proc.pid)
         print(f"{label}: idle {idle / 2**20:,.0f} MiB" + (f", after the load {filled / 2**20:,.0f} MiB" if filled else ""), flush=True)
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=32768, help="KV tokens every server may hold")
     parser.add_argument("--fill-tokens", type=int, default=16384, help="prompt tokens pushed through before the second reading")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="", help="run only the rows whose label contains this")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from transerve.engine.models import bundled_gguf_path
@@ -108,8 +110,9 @@ def main() -> None:
     if Path(LLAMA_SERVER).exists():
         rows.append((f"llama-server -np 32 -c {args.capacity}", [LLAMA_SERVER, "-m", gguf, "-t", str(args.threads), "-np", "32",
                                                               "-c", str(args.capacity), "--host", "127.0.0.1", "--port", "8705"], 8705))
+    rows = [row for row in rows if args.only in row[0]]
     results = [measure(label, command, port, args.fill_tokens) for label, command, port in rows]
-    anchor = results[-1][1] if Path(LLAMA_SERVER).exists() else None
+    anchor = next((idle for label, idle, _ in results if label.startswith("llama")), None)
     print(f"\n{'server':44} {'idle RSS':>10} {'vs llama':>9} {'after ' + str(args.fill_tokens) + ' KV tokens':>22}")
     for label, idle, filled in results:
         ratio = f"{idle / anchor:.2f}x" if anchor else "-"
