@@ -186,13 +186,13 @@ def test_a_client_that_leaves_aborts_its_request_on_the_replica(cluster, client)
     before = replica_metrics(cluster.base_url)
     stream = chat(client, "Tell a long story.", stream=True, max_tokens=900, extra_body={"ignore_eos": True})
     chunks = iter(stream)
-    for _ in range(3):
-        next(chunks)
+    # The first chunk may carry only the role; each content chunk carries at least one token.
+    received = sum(bool(next(chunks).choices[0].delta.content) for _ in range(3))
     stream.close()
     assert sum(requests_added(cluster.base_url, before, 1, timeout=10).values()) == 1
     after = replica_metrics(cluster.base_url)
     generated = sum(m["generated"] - before[r]["generated"] for r, m in after.items())
-    assert 3 <= generated < 900, generated  # the replica stopped early, not at max_tokens
+    assert max(received, 1) <= generated < 900, generated  # the replica stopped early, not at max_tokens
 
 
 def test_a_killed_replica_fails_its_stream_cleanly_and_comes_back(cluster, client):
