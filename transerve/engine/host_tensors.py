@@ -11,15 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
-TORCH_DTYPES = {np.dtype(n): t for t, n in NUMPY_DTYPES.items()}
+TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32}
 ALIGN = 8  # bytes: every view starts aligned for its dtype
-
-
-def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A list (or nested list, or numpy array) as a `dtype` tensor on `device`."""
-    # Contiguous: a row of a gathered numpy array may be strided, and the kernel launchers check strides.
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=NUMPY_DTYPES[dtype])).to(device, non_blocking=True)
 
 
 def arrays_to_device(arrays: Sequence[np.ndarray], device: torch.device, stage: bool | None = None) -> list[torch.Tensor]:

@@ -67,14 +67,12 @@ class ModelRunner:
         update_states(self.requests, self.rows, step)
         return pack_step(self.requests, self.rows, step, self.block_size)
 
-    def paged_batch(self, packed: PackedStep) -> PagedBatch:
-        return self._paged_batch(*arrays_to_device(self._attention_arrays(packed), self.device))
-
     @staticmethod
-    def _attention_arrays(packed: PackedStep) -> list[np.ndarray]:
+    def attention_arrays(packed: PackedStep) -> list[np.ndarray]:
+        """The host arrays `paged_batch` takes, as device tensors, in this order."""
         return [packed.slots, packed.block_tables, packed.seq_lens, packed.query_start_loc]
 
-    def _paged_batch(self, slots, block_tables, seq_lens, query_start_loc) -> PagedBatch:
+    def paged_batch(self, slots, block_tables, seq_lens, query_start_loc) -> PagedBatch:
         return PagedBatch(kv_caches=self.kv_caches, slot_mapping=slots, block_tables=block_tables, seq_lens=seq_lens,
                           query_start_loc=query_start_loc, write_kv=self.write_kv, paged_attention=self.paged_attention)
 
@@ -98,11 +96,11 @@ class ModelRunner:
             # Only partial prefill chunks: fill the cache, sample nothing (the LM head still wants a row).
             keep = packed.sample_rows if len(packed.sample_rows) else np.array([len(input_ids) - 1], np.int64)
             # Every input of the step, the sampler's included, in one host-to-device copy.
-            model = [input_ids[None], positions[None], keep, *self._attention_arrays(packed)]
+            model = [input_ids[None], positions[None], keep, *self.attention_arrays(packed)]
             tensors = arrays_to_device(model + sampler, self.device)
             (ids, pos, keep, *attention), sampler = tensors[: len(model)], tensors[len(model) :]
             logits = self.model(**(mm_inputs or {"input_ids": ids, "position_ids": pos}), logits_to_keep=keep,
-                                use_cache=False, paged_batch=self._paged_batch(*attention)).logits[0]
+                                use_cache=False, paged_batch=self.paged_batch(*attention)).logits[0]
         else:
             sampler = arrays_to_device(sampler, self.device)
         if not packed.sampled_ids:

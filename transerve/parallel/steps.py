@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from transerve.engine.batch import PackedStep, record_samples
-from transerve.engine.host_tensors import to_device
+from transerve.engine.host_tensors import arrays_to_device
 from transerve.engine.model_runner import ModelRunner
 from transerve.engine.step import SampledTokens, ScheduledStep
 
@@ -91,7 +91,7 @@ def forward_shard(runner: ModelRunner, decoder, step: ScheduledStep, last: Packe
     if last is not None and last.sampled_ids:
         record_samples(last, runner.rows, SampledTokens(sampled))
     packed = runner.prepare(step)
-    positions = to_device([packed.positions], torch.int64, runner.device)
-    decoder(input_ids=to_device([packed.input_ids], torch.int64, runner.device), position_ids=positions,
-            use_cache=False, paged_batch=runner.paged_batch(packed))
+    ids, positions, *attention = arrays_to_device([packed.input_ids[None], packed.positions[None],
+                                                   *runner.attention_arrays(packed)], runner.device)
+    decoder(input_ids=ids, position_ids=positions, use_cache=False, paged_batch=runner.paged_batch(*attention))
     return packed
