@@ -1,5 +1,5 @@
-"""Quantized CPU linears: the fused path computes with exactly the file's weights, and a SmolLM2 built
-from its GGUF's own blocks answers like the float32-dequantized model."""
+"""Quantized CPU linears: the fused C++ kernel computes with exactly the file's weights (its torch reference
+is the oracle), and a SmolLM2 built from its GGUF's own blocks answers like the float32-dequantized model."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
 
-from transerve.engine import quantized
+from transerve.engine import block_kernels, quantized
 from transerve.engine.quantize import precision
-from transerve.engine.gguf_weights import linear_from_blocks, use_gguf_linears
+from transerve.engine.gguf_weights import use_gguf_linears
+from transerve.engine.quantized import QuantizedLinear
 from transerve.engine.models import bundled_gguf_path
 
 FORMATS = ["Q4_0", "Q4_1", "Q8_0"]
@@ -36,31 +37,33 @@ def assert_fused_equals_reference(linear, weight: torch.Tensor, rows: int, bias=
 def test_weights_are_exactly_the_files_blocks(fmt):
     weight = np.random.default_rng(0).standard_normal((40, 96)).astype(np.float32)
     rows = gguf_rows(fmt, weight)
-    linear = linear_from_blocks(fmt, rows)
+    linear = QuantizedLinear.from_rows(fmt, rows)
     expected = torch.from_numpy(dequantize(rows, GGMLQuantizationType[fmt]))
     assert torch.equal(linear.dequantized_weight(), expected)
     assert linear.fmt == fmt and (linear.in_features, linear.out_features) == (96, 40)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rows", [1, 5, 33])  # fused kernel below DEQUANTIZE_FROM_ROWS, dequantize+GEMM above
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
-def test_fused_matmul_equals_dequantize_then_float32(fmt, rows, compiled):
-    weight = np.random.default_rng(1).standard_normal((48, 64)).astype(np.float32)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 33])  # row passes of 4, 2 and 1; dequantize + GEMM past FUSED_MAX_ROWS
+def test_fused_matmul_equals_dequantize_then_float32(fmt, rows):
+    weight = np.random.default_rng(1).standard_normal((200, 96)).astype(np.float32)  # 200: threads split unevenly
     blocks = gguf_rows(fmt, weight)
-    bias = torch.randn(48)
-    linear = linear_from_blocks(fmt, blocks, compiled=compiled, bias=bias.clone())
+    bias = torch.randn(200)
+    linear = QuantizedLinear.from_rows(fmt, blocks, bias=bias.clone())
     reference = torch.from_numpy(dequantize(blocks, GGMLQuantizationType[fmt]))
     assert_fused_equals_reference(linear, reference, rows, bias)
 
 
-def test_odd_output_sizes_tile_and_untile():
-    """Tiling interleaves up to 16 output rows; sizes that 16 does not divide still round-trip."""
-    weight = np.random.default_rng(2).standard_normal((24, 64)).astype(np.float32)  # 8-row tiles
-    blocks = gguf_rows("Q8_0", weight)
-    linear = linear_from_blocks("Q8_0", blocks)
-    assert linear.qweight.shape[-1] == 8
-    assert_fused_equals_reference(linear, torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q8_0)), 1)
+def test_the_cpp_kernels_are_built_here_and_match_their_torch_reference():
+    """CI's machine has a compiler and AVX2: the fused kernel is what serves, not the slow reference."""
+    assert block_kernels.available()
+    weight = np.random.default_rng(2).standard_normal((72, 128)).astype(np.float32)
+    for fmt in FORMATS:
+        blocks = block_kernels.widen(torch.from_numpy(gguf_rows(fmt, weight)).view(72, 4, -1), fmt)
+        x = torch.randn(5, 128)
+        assert torch.equal(block_kernels.block_dequantize(blocks), block_kernels.block_dequantize_ref(blocks))
+        expected = block_kernels.block_linear_ref(x, blocks)
+        torch.testing.assert_close(block_kernels.block_linear(x, blocks), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_int8_quantization_of_a_float_model():
@@ -69,11 +72,11 @@ def test_int8_quantization_of_a_float_model():
     reference = [layer.weight.detach().clone() for layer in model]
     assert quantized.use_int8_linears(model) == 2  # 10 inputs is no whole block: that one stays float
     assert [type(m).__name__ for m in model] == ["QuantizedLinear", "QuantizedLinear", "Linear"]
-    assert precision(model) == "int8"
+    assert precision(model) == "Q8_0"
     for layer, weight in zip(model[:2], reference):
         step = weight.abs().view(weight.shape[0], -1, 32).amax(-1) / 127  # one int8 step per block
         error = (layer.dequantized_weight() - weight).abs().view_as(step[..., None].expand(-1, -1, 32))
-        assert (error <= step[..., None] / 2 + 1e-7).all()
+        assert (error <= step[..., None] * 0.57 + 1e-7).all()  # half a step, and the step stored as float16
     x = torch.randn(3, 64)
     with torch.inference_mode():
         out = model[1](model[0](x))
@@ -92,7 +95,7 @@ def test_smollm2_real_tensors(smollm2_gguf, name, rows):
     tensor = next(t for t in smollm2_gguf.tensors if t.name == name)
     raw = np.asarray(tensor.data)[:4096]  # the embedding's first 4096 rows are plenty
     fmt = tensor.tensor_type.name
-    linear = linear_from_blocks(fmt, raw)
+    linear = QuantizedLinear.from_rows(fmt, raw)
     expected = torch.from_numpy(dequantize(raw, tensor.tensor_type))
     assert torch.equal(linear.dequantized_weight(), expected)
     assert_fused_equals_reference(linear, expected, rows)
@@ -126,7 +129,7 @@ def test_transposed_inputs_as_skinny_linears_return_them():
     """SkinnyLinear hands on `(W @ x^T)^T` views; a quantized linear after it must read them right."""
     weight = np.random.default_rng(3).standard_normal((32, 64)).astype(np.float32)
     blocks = gguf_rows("Q4_1", weight)
-    linear = linear_from_blocks("Q4_1", blocks)
+    linear = QuantizedLinear.from_rows("Q4_1", blocks)
     x = torch.randn(64, 3).t().unsqueeze(0)  # [1, 3, 64], not contiguous
     with torch.inference_mode():
         out = linear(x)

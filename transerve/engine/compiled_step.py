@@ -114,7 +114,7 @@ class CompiledDecode:
         self.failed = False
         use_transerve_cache()
         # dynamic=False: the batch stays static per bucket; only ctx_pos is marked dynamic.
-        self.forward = torch.compile(_decode_forward, dynamic=False, fullgraph=True)
+        self.forward = torch.compile(_decode_forward, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
 
     def bucket(self, num_seqs: int) -> int | None:
         if self.failed or not self.buckets:

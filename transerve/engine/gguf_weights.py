@@ -1,7 +1,7 @@
 """A GGUF's quantized linear weights, kept quantized: the model's linears rebuilt from the file's blocks.
 
 The float model is loaded as today (dequantized by transformers); then each linear whose GGUF tensor is
-Q4_0, Q4_1 or Q8_0 is replaced by a QuantizedLinear holding that tensor's own blocks. Names come from
+Q4_0, Q4_1 or Q8_0 is replaced by a QuantizedLinear holding that tensor's own bytes. Names come from
 gguf's tensor name map (what transformers uses); the Q/K row permutation transformers applies to llama q_proj/k_proj
 weights is applied to the block rows (blocks run along the input, so permuting rows keeps them whole).
 Tensors of other types, and architectures whose conversion does more than permute rows, stay float.
@@ -12,32 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from transerve.engine.quantized import BLOCK, int8_linear, nibble_linear
-
-# GGML block layouts: bytes per block of 32, and how to split one.
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+from transerve.engine.block_kernels import BLOCK, FILE_BLOCK_BYTES as _BLOCK_BYTES
+from transerve.engine.quantized import QuantizedLinear
 
 
-def _f16(raw: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16).astype(np.float32)[..., 0])
-
-
-def linear_from_blocks(fmt: str, rows: np.ndarray, compiled: bool = True, bias=None):
-    """A QuantizedLinear from a GGUF tensor's raw rows: uint8 [out, in/32 * block bytes]."""
-    out = rows.shape[0]
-    blocks = np.ascontiguousarray(rows).reshape(out, -1, _BLOCK_BYTES[fmt])
-    scale = _f16(blocks[..., 0:2])
-    if fmt == "Q8_0":
-        qweight = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(out, -1)
-        return int8_linear(qweight, scale, fmt, bias, compiled)
-    if fmt == "Q4_1":
-        minimum, packed = _f16(blocks[..., 2:4]), blocks[..., 4:]
-    else:  # Q4_0: d * (q - 8)
-        minimum, packed = -8 * scale, blocks[..., 2:]
-    return nibble_linear(torch.from_numpy(packed.copy()), scale, minimum, fmt, bias, compiled)
-
-
-def use_gguf_linears(model: torch.nn.Module, gguf_path: str, compiled: bool = True) -> tuple[dict[str, int], dict[str, int]]:
+def use_gguf_linears(model: torch.nn.Module, gguf_path: str) -> tuple[dict[str, int], dict[str, int]]:
     """Replace the linears of `model` (loaded from this GGUF) by QuantizedLinears over the file's blocks.
     Returns how many linears of each format were replaced, and how many of each other type stay float."""
     from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
@@ -74,6 +53,6 @@ def use_gguf_linears(model: torch.nn.Module, gguf_path: str, compiled: bool = Tr
             heads = config.num_attention_heads if gguf_name.endswith(".attn_q") else config.num_key_value_heads
             rows = LlamaTensorProcessor()._reverse_permute_weights(rows, heads, heads)
         bias = None if module.bias is None else module.bias.detach().float()
-        model.set_submodule(module_name, linear_from_blocks(tensor.tensor_type.name, rows, compiled, bias))
+        model.set_submodule(module_name, QuantizedLinear.from_rows(tensor.tensor_type.name, rows, bias))
         counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
     return counts, skipped

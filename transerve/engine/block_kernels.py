@@ -1,0 +1,110 @@
+"""GGUF's block-quantized linears on CPU: the C++ kernels of transerve/csrc/block_linear.cpp and their torch references.
+
+A weight is a GGUF tensor's Q4_0, Q4_1 or Q8_0 blocks (32 weights each) with the float16 scales widened to
+float32 in front of the values (`widen`; exact): uint8 [out, in/32, 24] for the 4-bit formats (d, m, 16 bytes
+of nibbles; w = d * q + m, Q4_0's m = -8d) and [out, in/32, 36] for Q8_0 (d, 32 int8; w = d * q).
+`block_linear` multiplies float32 activations by such a weight with dequantization fused (AVX2, or AVX-512
+where the CPU has it); `block_dequantize` gives the float32 weight, bit for bit as the gguf package does.
+The kernels are compiled at first use (torch.utils.cpp_extension, ~20 s; cached in torch's extension
+directory, so later starts load them at once). Where they cannot be built (no compiler, no AVX2)
+`available()` is False and the references below compute the same thing, slowly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32
+FILE_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # as stored in a GGUF
+NIBBLES, BYTES = 24, 36  # widened block sizes
+_SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / name for name in ("block_linear.cpp", "block_linear_avx512.cpp")]
+_loaded: bool | None = None
+
+
+def available() -> bool:
+    """Whether the C++ kernels are built and loaded (built on the first call)."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _load()
+    return _loaded
+
+
+def _load() -> bool:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        log.info("block-quantized kernels need AVX2; using the torch reference")
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        build_dir = Path(cpp_extension._get_build_directory("transerve_blocks", verbose=False))
+        if not (build_dir / "transerve_blocks.so").exists():
+            log.info("building the block-quantized CPU kernels (once, ~15 s)")
+        cpp_extension.load(name="transerve_blocks", sources=[str(p) for p in _SOURCES], is_python_module=False,
+                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as error:  # noqa: BLE001 - any build failure means: serve with the reference
+        log.warning("block-quantized CPU kernels unavailable (%s); using the torch reference",
+                    str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)
+        return False
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    # Shapes for torch.compile's tracing: the ops join a compiled step's graph as extern calls.
+    @torch.library.register_fake("transerve_blocks::block_linear")
+    def _(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("transerve_blocks::block_dequantize")
+    def _(weight):
+        return weight.new_empty(weight.shape[0], weight.shape[1] * BLOCK, dtype=torch.float32)
+
+
+def widen(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
+    """A GGUF tensor's blocks, uint8 [out, in/32, file block bytes], as the kernels read them."""
+    assert blocks.dtype == torch.uint8 and blocks.shape[-1] == FILE_BLOCK_BYTES[fmt], (fmt, blocks.shape)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()
+    if fmt == "Q8_0":
+        return torch.cat([d.view(torch.uint8), blocks[..., 2:]], dim=-1).contiguous()
+    m = blocks[..., 2:4].contiguous().view(torch.float16).float() if fmt == "Q4_1" else -8 * d
+    values = blocks[..., 4:] if fmt == "Q4_1" else blocks[..., 2:]
+    return torch.cat([d.view(torch.uint8), m.view(torch.uint8), values], dim=-1).contiguous()
+
+
+def _check(weight: torch.Tensor) -> None:
+    assert weight.dtype == torch.uint8 and weight.dim() == 3 and weight.shape[2] in (NIBBLES, BYTES), weight.shape
+
+
+def block_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x float32 [rows, in] -> [rows, out], the weight dequantized on the fly."""
+    _check(weight)
+    assert x.dim() == 2 and x.shape[1] == weight.shape[1] * BLOCK and x.dtype == torch.float32, x.shape
+    if not available():
+        return block_linear_ref(x, weight)
+    return torch.ops.transerve_blocks.block_linear(x.contiguous(), weight)
+
+
+def block_dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [out, in]."""
+    _check(weight)
+    if not available():
+        return block_dequantize_ref(weight)
+    return torch.ops.transerve_blocks.block_dequantize(weight)
+
+
+def block_linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x @ block_dequantize_ref(weight).t()
+
+
+def block_dequantize_ref(weight: torch.Tensor) -> torch.Tensor:
+    d = weight[..., 0:4].contiguous().view(torch.float32)
+    if weight.shape[-1] == BYTES:
+        return (weight[..., 4:].contiguous().view(torch.int8).float() * d).flatten(1)
+    qs = weight[..., 8:]
+    q = torch.cat([qs & 15, qs >> 4], dim=-1).float()
+    return (d * q + weight[..., 4:8].contiguous().view(torch.float32)).flatten(1)
