@@ -111,8 +111,15 @@ def main() -> None:
         cpu_s.append(time.process_time() - c0)
         return time.perf_counter() - t0
 
+    warm_start = time.perf_counter()
     for _ in range(5):  # prefill, then warm decodes (compiles, if compiled)
         step()
+    if args.compiled:
+        from torch._dynamo.utils import counters
+
+        cache = {k.removeprefix("fxgraph_cache_"): v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
+        print(f"prefill + first decodes (the compile, or its load from the cache): {time.perf_counter() - warm_start:.1f} s; "
+              f"inductor FX graph cache {dict(cache)}")
     forward_s.clear()
     for v in parts.values():
         v.clear()

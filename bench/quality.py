@@ -2,7 +2,6 @@
 
     PYTHONPATH=. python bench/quality.py                              # SmolLM2-135M-Instruct (its GGUF)
     PYTHONPATH=. python bench/quality.py --model ./my-model --modes none int8
-    PYTHONPATH=. python bench/quality.py --kernels fbgemm blocks      # also the file's exact blocks (slow)
 
 Each mode loads the model as the server does (engine/quantize.py `quantize_model` over the same weights;
 attention is sdpa here, since no paged batch is needed), then measures:
@@ -41,11 +40,11 @@ PROMPTS = [
 PPL_LIMIT, AGREEMENT_LIMIT = 1.03, 0.95
 
 
-def load(path: str, mode: str, kernel: str):
+def load(path: str, mode: str):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
-    return model, quantize_model(model, mode, path, torch.device("cpu"), torch.float32, kernel)
+    return model, quantize_model(model, mode, path, torch.device("cpu"), torch.float32)
 
 
 @torch.inference_mode()
@@ -74,7 +73,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
     parser.add_argument("--modes", nargs="+", default=None, help="default: none gguf (GGUF), none int8 (others)")
-    parser.add_argument("--kernels", nargs="+", default=["fbgemm"], choices=["fbgemm", "blocks"])
     parser.add_argument("--tokens", type=int, default=3000)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -87,15 +85,15 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids[:, : args.tokens]
     modes = args.modes or (["none", "gguf"] if resolved.gguf_file else ["none", "int8"])
-    runs = [("none", "float")] + [(m, k) for m in modes if m != "none" for k in args.kernels]
+    runs = ["none"] + [m for m in modes if m != "none"]
     print(f"{args.model}: perplexity over {ids.shape[1]} tokens of {TEXT.name}; greedy agreement over "
           f"{len(PROMPTS)} prompts x {args.max_tokens} tokens; {torch.get_num_threads()} threads", flush=True)
-    header = f"{'mode':>6} {'kernel':>7} {'precision':>26} {'perplexity':>10} {'vs ref':>7} {'tokens same':>11} {'prompts same':>12} {'s':>5}  flag"
+    header = f"{'mode':>6} {'precision':>12} {'perplexity':>10} {'vs ref':>7} {'tokens same':>11} {'prompts same':>12} {'s':>5}  flag"
     print(header + "\n" + "-" * len(header), flush=True)
     reference_ppl, reference = None, None
-    for mode, kernel in runs:
+    for mode in runs:
         start = time.perf_counter()
-        model, precision = load(path, mode, "fbgemm" if kernel == "float" else kernel)
+        model, precision = load(path, mode)
         ppl = perplexity(model, ids)
         answers = greedy(model, tokenizer, args.max_tokens)
         if reference is None:
@@ -103,7 +101,7 @@ def main() -> None:
         share, prompts_same = agreement(answers, reference)
         rise = ppl / reference_ppl
         flag = "" if rise <= PPL_LIMIT and share >= AGREEMENT_LIMIT else "NOT A DEFAULT"
-        print(f"{mode:>6} {kernel:>7} {precision:>26} {ppl:>10.3f} {rise - 1:>+7.1%} {share:>11.1%} "
+        print(f"{mode:>6} {precision:>12} {ppl:>10.3f} {rise - 1:>+7.1%} {share:>11.1%} "
               f"{prompts_same:>9}/{len(PROMPTS)} {time.perf_counter() - start:>5.0f}  {flag}", flush=True)
         del model
 

@@ -35,9 +35,9 @@ def test_default_model_reports_its_model_cards_sampling_in_models_and_the_log(se
     assert "sampling defaults {'temperature': 0.2, 'top_p': 0.9" in server.output()
 
 
-def test_default_model_runs_its_gguf_dequantized_and_says_so(server):
-    """By default the GGUF runs dequantized to float32 (--quantization gguf keeps it quantized), as /v1/models
-    and the log say."""
+def test_default_model_runs_its_gguf_quantized_weights_and_says_so(server):
+    """By default a GGUF on CPU computes with its own quantized blocks (`--quantization none` expands it to
+    float32), as /v1/models and the log say."""
     entry = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused").models.retrieve("SmolLM2-135M-Instruct")
-    assert entry.precision == "float32"
-    assert "loaded SmolLM2-135M-Instruct on cpu in float32" in server.output()
+    assert entry.precision == "Q4_1+Q8_0"
+    assert "loaded SmolLM2-135M-Instruct on cpu in Q4_1+Q8_0" in server.output()

@@ -64,6 +64,10 @@ class SchedulerConfig:
 
 # The sampling a server may set as its default (--override-generation-config), with each value's range.
 # They are the keys of a model's generation defaults (engine/models.py: generation_defaults).
+# --quantization (engine/quantize.py): auto keeps a GGUF's own quantized weights on CPU where the kernels
+# are built, else float; none: float; gguf: a GGUF's weights quantized (asked for: a log line if it cannot);
+# int8: a float model's linears too (Q8_0 blocks, weight-only; CPU only).
+QUANTIZATION_MODES = ("auto", "none", "gguf", "int8")
 SAMPLING_DEFAULT_RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (0, 2**31), "min_p": (0.0, 1.0)}
 
 
@@ -78,9 +82,8 @@ class EngineConfig:
     compile_decode: bool = False
     # Ranks that each hold 1/N of the weights and KV heads (transerve/parallel/); 1: one device, no workers.
     tensor_parallel_size: int = 1
-    # Weights the linears compute with (engine/quantize.py): none (float), gguf (a GGUF's quantized weights
-    # stay quantized, as int8 on CPU), int8 (a float model's linears too, weight-only per row; CPU only).
-    quantization: str = "none"
+    # Weights the linears compute with: one of QUANTIZATION_MODES.
+    quantization: str = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # Sampling defaults for every model, over each model's own generation_config: (name, value) pairs.
@@ -98,8 +101,8 @@ class EngineConfig:
                 raise ValueError(f"override_generation_config: {name} must be {kind} between {lo} and {hi}, got {value!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
-        if self.quantization not in ("none", "gguf", "int8"):
-            raise ValueError(f"quantization must be none, gguf or int8, got {self.quantization!r}")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {self.quantization!r}")
         if self.quantization == "int8" and self.tensor_parallel_size > 1:
             raise ValueError("--quantization int8 does not combine with --tensor-parallel-size (shards are float)")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from transerve.config import QUANTIZATION_MODES
 from transerve.engine.models import DEFAULT_MODEL
 
 
@@ -51,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="split MODEL over this many GPUs of this box (cuda:0..N-1), or CPU processes with "
                             "--device cpu (default: 1)")
-    serve.add_argument("--quantization", default="none", choices=["none", "gguf", "int8"],
-                       help="CPU weights: none runs float, a GGUF dequantized (default); gguf keeps a GGUF's "
-                            "Q4_0/Q4_1/Q8_0 weights quantized (int8); int8 quantizes a float model's linears too")
+    serve.add_argument("--quantization", default="auto", choices=QUANTIZATION_MODES,
+                       help="CPU weights: auto (default) keeps a GGUF's Q4_0/Q4_1/Q8_0 weights as the file's blocks "
+                            "where the C++ kernels build, else float; none runs float (a GGUF dequantized); gguf "
+                            "insists on the file's blocks; int8 also makes a float model's linears Q8_0")
     serve.add_argument("--override-generation-config", default=None, metavar="JSON",
                        help="sampling defaults for every model, over each model's generation_config.json, as a JSON "
                             "object of temperature, top_p, top_k, min_p: '{\"temperature\": 0.7}' (default: none)")

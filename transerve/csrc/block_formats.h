@@ -15,9 +15,11 @@ constexpr int64_t BLOCK = 32;
 enum class Layout { NIBBLES = 4, BYTES = 8 };
 
 constexpr int64_t block_bytes(Layout l) { return l == Layout::NIBBLES ? 24 : 36; }
+constexpr int64_t FUSED_ROWS = 4;  // more rows of x: each weight row is dequantized once and reused
 
-// y[rows, n0:n1] of x [rows, k] times the weight's blocks; x_sums [rows, k/32]. AVX-512 build (block_linear_avx512.cpp).
+// y[rows, n0:n1] of x [rows, k] times the weight's blocks; x_sums [rows, k/32], w a buffer of 2k floats.
+// The AVX-512 build (block_linear_avx512.cpp).
 void linear_rows_avx512(Layout l, const float* x, int64_t rows, int64_t k, const uint8_t* weight, const float* x_sums,
-                        int64_t n0, int64_t n1, float* y, int64_t n_out);
+                        int64_t n0, int64_t n1, float* y, int64_t n_out, float* w);
 
 }  // namespace transerve_blocks

@@ -24,6 +24,7 @@ struct Vec {
   static T zero() { return _mm256_setzero_ps(); }
   static T broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static T loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void storeu(float* p, T v) { _mm256_storeu_ps(p, v); }
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
   static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
   static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
@@ -87,8 +88,8 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& weight) {
   at::Tensor y = at::empty({rows, n_out}, x.options());
   if (rows == 0 || n_out == 0) return y;
   const float* xp = x.data_ptr<float>();
-  std::vector<float> x_sums(rows * groups);  // each block's sum of x, for the minimums
-  for (int64_t i = 0; i < rows * groups; ++i) {
+  std::vector<float> x_sums(rows <= FUSED_ROWS ? rows * groups : 0);  // each block's sum of x, for the minimums
+  for (int64_t i = 0; i < static_cast<int64_t>(x_sums.size()); ++i) {
     const float* xb = xp + i * BLOCK;
     x_sums[i] = avx2::Vec::hsum(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
                                               _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24))));
@@ -99,10 +100,11 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& weight) {
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   // Output rows split across threads; a grain of 64 keeps a small linear on one thread.
   at::parallel_for(0, n_out, 64, [&](int64_t n0, int64_t n1) {
+    std::vector<float> w(rows > FUSED_ROWS ? 2 * k : 0);  // two dequantized weight rows, for many rows of x
     if (avx512)
-      linear_rows_avx512(l, xp, rows, k, wp, sp, n0, n1, yp, n_out);
+      linear_rows_avx512(l, xp, rows, k, wp, sp, n0, n1, yp, n_out, w.data());
     else
-      avx2::linear_rows_any(l, xp, rows, k, wp, sp, n0, n1, yp, n_out);
+      avx2::linear_rows_any(l, xp, rows, k, wp, sp, n0, n1, yp, n_out, w.data());
   });
   return y;
 }

@@ -14,6 +14,7 @@ struct Vec {
   static T zero() { return _mm512_setzero_ps(); }
   static T broadcast(const float* p) { return _mm512_set1_ps(*p); }
   static T loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void storeu(float* p, T v) { _mm512_storeu_ps(p, v); }
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
   static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
   static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
@@ -37,8 +38,8 @@ struct Vec {
 }  // namespace avx512
 
 void linear_rows_avx512(Layout l, const float* x, int64_t rows, int64_t k, const uint8_t* weight, const float* x_sums,
-                        int64_t n0, int64_t n1, float* y, int64_t n_out) {
-  avx512::linear_rows_any(l, x, rows, k, weight, x_sums, n0, n1, y, n_out);
+                        int64_t n0, int64_t n1, float* y, int64_t n_out, float* w) {
+  avx512::linear_rows_any(l, x, rows, k, weight, x_sums, n0, n1, y, n_out, w);
 }
 
 }  // namespace transerve_blocks

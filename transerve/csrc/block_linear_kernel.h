@@ -46,6 +46,67 @@ void rows_pass(const float* x, int64_t k, const uint8_t* weight, const float* x_
   }
 }
 
+// Weight row n dequantized into w (k floats).
+template <Layout L>
+inline void dequantize_row(const uint8_t* weight, int64_t n, int64_t k, float* w) {
+  const int64_t groups = k / BLOCK;
+  const uint8_t* row = weight + n * groups * block_bytes(L);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* block = row + g * block_bytes(L);
+    const float* dm = reinterpret_cast<const float*>(block);
+    typename Vec::T v[Vec::PER_BLOCK];
+    Vec::template load_block<L>(block + (L == Layout::NIBBLES ? 8 : 4), v);
+    for (int j = 0; j < Vec::PER_BLOCK; ++j) {
+      typename Vec::T wj = Vec::mul(v[j], Vec::broadcast(dm));
+      if constexpr (L == Layout::NIBBLES) wj = Vec::add(wj, Vec::broadcast(dm + 1));
+      Vec::storeu(w + g * BLOCK + j * Vec::LANES, wj);
+    }
+  }
+}
+
+// y[r..r+XR, n..n+NW] from NW dequantized weight rows (w, w + k) and XR rows of x: each load feeds NW * XR
+// products (8 sums, 2 weights and a row of x: 11 of AVX2's 16 registers).
+template <int NW, int XR>
+inline void dot_tile(const float* w, const float* x, int64_t k, int64_t r, int64_t n, float* y, int64_t n_out) {
+  typename Vec::T acc[NW][XR];
+  for (int a = 0; a < NW; ++a)
+    for (int j = 0; j < XR; ++j) acc[a][j] = Vec::zero();
+  for (int64_t i = 0; i < k; i += Vec::LANES) {
+    typename Vec::T wi[NW];
+    for (int a = 0; a < NW; ++a) wi[a] = Vec::loadu(w + a * k + i);
+    for (int j = 0; j < XR; ++j) {
+      const typename Vec::T xj = Vec::loadu(x + (r + j) * k + i);
+      for (int a = 0; a < NW; ++a) acc[a][j] = Vec::fmadd(wi[a], xj, acc[a][j]);
+    }
+  }
+  for (int a = 0; a < NW; ++a)
+    for (int j = 0; j < XR; ++j) y[(r + j) * n_out + n + a] = Vec::hsum(acc[a][j]);
+}
+
+template <int NW>
+inline void dot_rows(const float* w, const float* x, int64_t rows, int64_t k, int64_t n, float* y, int64_t n_out) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) dot_tile<NW, 4>(w, x, k, r, n, y, n_out);
+  for (; r < rows; ++r) dot_tile<NW, 1>(w, x, k, r, n, y, n_out);
+}
+
+// Many rows of x: weight rows are dequantized once, two at a time, into `w` (2k floats, in L1) and dotted
+// with every row of x, instead of decoding the weights once per pass of four rows.
+template <Layout L>
+void rows_dequantized(const float* x, int64_t rows, int64_t k, const uint8_t* weight, int64_t n0, int64_t n1,
+                      float* y, int64_t n_out, float* w) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    dequantize_row<L>(weight, n, k, w);
+    dequantize_row<L>(weight, n + 1, k, w + k);
+    dot_rows<2>(w, x, rows, k, n, y, n_out);
+  }
+  if (n < n1) {
+    dequantize_row<L>(weight, n, k, w);
+    dot_rows<1>(w, x, rows, k, n, y, n_out);
+  }
+}
+
 // Rows of x in passes of up to 4 (with 16 registers: 8 sums, the block's values and its scale).
 template <Layout L>
 void linear_rows(const float* x, int64_t rows, int64_t k, const uint8_t* weight, const float* x_sums, int64_t n0,
@@ -66,9 +127,14 @@ void linear_rows(const float* x, int64_t rows, int64_t k, const uint8_t* weight,
   }
 }
 
+// Up to FUSED_ROWS rows: the fused passes; more: rows_dequantized, with `w` a buffer of 2k floats.
 inline void linear_rows_any(Layout l, const float* x, int64_t rows, int64_t k, const uint8_t* weight,
-                            const float* x_sums, int64_t n0, int64_t n1, float* y, int64_t n_out) {
-  if (l == Layout::NIBBLES)
+                            const float* x_sums, int64_t n0, int64_t n1, float* y, int64_t n_out, float* w) {
+  if (rows > FUSED_ROWS && l == Layout::NIBBLES)
+    rows_dequantized<Layout::NIBBLES>(x, rows, k, weight, n0, n1, y, n_out, w);
+  else if (rows > FUSED_ROWS)
+    rows_dequantized<Layout::BYTES>(x, rows, k, weight, n0, n1, y, n_out, w);
+  else if (l == Layout::NIBBLES)
     linear_rows<Layout::NIBBLES>(x, rows, k, weight, x_sums, n0, n1, y, n_out);
   else
     linear_rows<Layout::BYTES>(x, rows, k, weight, x_sums, n0, n1, y, n_out);

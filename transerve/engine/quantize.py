@@ -1,5 +1,8 @@
 """Which weights a loaded model computes with: `--quantization` applied after load (as cpu_linear does).
 
+- `auto` (default): `gguf` where it can run (CPU, float32, the C++ kernels built), else `none`. The file's
+  blocks are the file's weights, so answers are float32's up to rounding (bench/quality.py); on SmolLM2
+  they are faster up to 8 users and use less memory, ~12% slower at 32 (bench/README.md).
 - `none`: every model in float (a GGUF fully dequantized, as transformers loads it).
 - `gguf`: a GGUF model keeps its file's Q4_0/Q4_1/Q8_0 tensors byte for byte on CPU (engine/gguf_weights.py),
   computed by the fused C++ kernels of engine/block_kernels.py; tensors of other GGUF types stay float32.
@@ -19,13 +22,13 @@ from pathlib import Path
 
 import torch
 
+from transerve.config import QUANTIZATION_MODES
 from transerve.engine import block_kernels
 from transerve.engine.gguf_weights import use_gguf_linears
 from transerve.engine.quantized import QuantizedLinear, use_int8_linears
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "gguf", "int8")
 
 
 def gguf_source(model_dir: str) -> str | None:
@@ -40,9 +43,12 @@ def gguf_source(model_dir: str) -> str | None:
 def quantize_model(model: torch.nn.Module, mode: str, model_dir: str, device: torch.device, dtype: torch.dtype) -> str:
     """Swap the model's linears for quantized ones as `mode` asks; returns the precision it now runs in
     (`precision`: e.g. 'Q4_1+Q8_0', 'float32')."""
-    if mode not in MODES:
-        raise ValueError(f"quantization must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {mode!r}")
     gguf = gguf_source(model_dir)
+    if mode == "auto":
+        can_run = gguf is not None and device.type == "cpu" and dtype == torch.float32 and block_kernels.available()
+        mode = "gguf" if can_run else "none"
     if mode == "none":
         return precision(model)
     if device.type != "cpu":

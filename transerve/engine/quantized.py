@@ -1,11 +1,11 @@
 """Linears that keep GGUF block-quantized weights (Q4_0, Q4_1, Q8_0) on CPU, as the file's own bytes.
 
-A GGUF's tensors are kept byte for byte (engine/gguf_weights.py); a float model's linears become Q8_0 blocks
-with `--quantization int8` (llama.cpp's own rounding, through the gguf package). Up to FUSED_MAX_ROWS rows
-(decode steps) the C++ kernel multiplies float32 activations by the blocks with dequantization fused
-(engine/block_kernels.py): a single sequence streams 4.5-bit weights instead of float32 ones. Longer
-prompt chunks are bound by arithmetic: the weight is dequantized to a transient float32 copy and
-multiplied by MKL's GEMM.
+A GGUF's tensors are kept as the file's blocks (engine/gguf_weights.py; scales widened to float32); a float
+model's linears become Q8_0 blocks with `--quantization int8` (llama.cpp's own rounding, through the gguf
+package). Up to FUSED_MAX_ROWS rows (decode steps) the C++ kernel multiplies float32 activations by the blocks
+with dequantization fused (engine/block_kernels.py): a single sequence streams ~6-bit weights instead of
+float32 ones. Longer prompt chunks are bound by arithmetic: the weight is dequantized to a transient float32
+copy and multiplied by MKL's GEMM.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from gguf.quants import quantize
 
 from transerve.engine.block_kernels import BLOCK, FILE_BLOCK_BYTES, block_dequantize, block_linear, widen
 
-# Measured on a 2-core Xeon (AVX-512, the AVX2 kernel), all of SmolLM2-135M's linears at once: fused 13 ms at 1
-# row, 43 at 8, 146 at 32; dequantize + GEMM 63, 100, 161 ms (bench/quant_bench.py).
+# All of SmolLM2-135M's linears, 2-core Xeon with AVX-512 (bench/quant_bench.py --stack): the C++ kernel
+# 11 ms at 1 row, 34 at 8, 126 at 32; dequantize + GEMM 88, 117, 153 ms.
 FUSED_MAX_ROWS = 32
 
 
