@@ -101,9 +101,9 @@ def main() -> None:
     serve = [sys.executable, "-m", "transerve.cli.main", "serve", gguf, "--host", "127.0.0.1"]
     blocks = str(args.capacity // 16)
     rows = [
-        ("transerve float32 (default)", [*serve, "--port", "8701"], 8701),
-        (f"transerve float32, {args.capacity} tokens", [*serve, "--port", "8702", "--num-kv-blocks", blocks], 8702),
-        (f"transerve gguf, {args.capacity} tokens", [*serve, "--port", "8703", "--num-kv-blocks", blocks, "--quantization", "gguf"], 8703),
+        ("transerve default (the GGUF's blocks)", [*serve, "--port", "8701"], 8701),
+        (f"transerve default, {args.capacity} tokens", [*serve, "--port", "8706", "--num-kv-blocks", blocks], 8706),
+        (f"transerve float32, {args.capacity} tokens", [*serve, "--port", "8702", "--num-kv-blocks", blocks, "--quantization", "none"], 8702),
         (f"transerve gguf, bf16 KV, {args.capacity} tokens",
          [*serve, "--port", "8704", "--num-kv-blocks", blocks, "--quantization", "gguf", "--kv-cache-dtype", "bfloat16"], 8704),
     ]

@@ -1,8 +1,9 @@
 // The fused block-linear loop, written once over a vector ISA. Each ISA's translation unit includes this
 // inside its own namespace (so the two builds never merge at link time), after defining `Vec`: LANES floats
-// per register, PER_BLOCK = 32 / LANES registers per block, and its zero/set1/loadu/mul/fmadd/hsum and
-// load_block<L> (a block's values q in element order; returns its minimum, 0 for Q8_0).
-// Per block and row: y += d * (q . x) + minimum * sum(x), the sums of x taken once per call.
+// per register, PER_BLOCK = 32 / LANES registers per block, its zero/broadcast/loadu/storeu/add/mul/fmadd/hsum,
+// and load_block<L> (a block's 32 values q, from their first byte, in element order).
+// Up to FUSED_ROWS rows of x, per block and row: y += d * (q . x) + m * sum(x), the sums of x taken once per
+// call; more rows: each weight row dequantized once and dotted with every row of x.
 
 // acc[r] += d * (q . x[r]) and mins[r] += minimum * sum(x[r]) for block g and ROWS rows of x.
 template <Layout L, int ROWS>

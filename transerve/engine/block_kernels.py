@@ -36,18 +36,18 @@ def available() -> bool:
 
 def _load() -> bool:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        log.info("block-quantized kernels need AVX2; using the torch reference")
+        log.info("the block-quantized CPU kernels need AVX2: quantized GGUF weights run as float32")
         return False
     try:
         from torch.utils import cpp_extension
 
         build_dir = Path(cpp_extension._get_build_directory("transerve_blocks", verbose=False))
         if not (build_dir / "transerve_blocks.so").exists():
-            log.info("building the block-quantized CPU kernels (once, ~15 s)")
+            log.info("building the block-quantized CPU kernels (once, ~20 s)")
         cpp_extension.load(name="transerve_blocks", sources=[str(p) for p in _SOURCES], is_python_module=False,
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as error:  # noqa: BLE001 - any build failure means: serve with the reference
-        log.warning("block-quantized CPU kernels unavailable (%s); using the torch reference",
+    except Exception as error:  # noqa: BLE001 - any build failure means: serve float weights instead
+        log.warning("block-quantized CPU kernels unavailable (%s): quantized GGUF weights run as float32",
                     str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)
         return False
     _register_fakes()

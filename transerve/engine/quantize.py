@@ -62,8 +62,7 @@ def quantize_model(model: torch.nn.Module, mode: str, model_dir: str, device: to
         if mode == "int8" or gguf is not None:
             log.info("quantized linears need --dtype float32 on CPU; running in %s", dtype)
         return precision(model)
-    if not block_kernels.available():
-        log.warning("quantized linears need their C++ kernels (see above); running the weights in float32")
+    if not block_kernels.available():  # it logged why
         return precision(model)
     if gguf is not None:
         _, skipped = use_gguf_linears(model, gguf)
