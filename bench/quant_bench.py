@@ -22,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,7 +53,8 @@ def prepare(route: str, fmt: str, raw: torch.Tensor):
         return w, w
     if route.startswith("blocks"):
         return blocks, w
-    if route == "fbgemm":
+    if route == "fbgemm":  # torch marks quantized tensors deprecated; fbgemm's prepack still needs one
+        warnings.simplefilter("ignore", UserWarning)
         row_scale = (w.abs().amax(1) / 127).double()
         qw = torch.quantize_per_channel(w, row_scale, torch.zeros_like(row_scale, dtype=torch.long), 0, torch.qint8)
         return torch.ops.quantized.linear_prepack(qw, None), qw.dequantize()
