@@ -66,6 +66,35 @@ def test_the_cpp_kernels_are_built_here_and_match_their_torch_reference():
         torch.testing.assert_close(block_kernels.block_linear(x, blocks), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+AVX2_CHECK = """
+import numpy as np, torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
+from transerve.engine import block_kernels
+assert block_kernels.available()
+weight = np.random.default_rng(4).standard_normal((136, 96)).astype(np.float32)
+for fmt in ("Q4_0", "Q4_1", "Q8_0"):
+    blocks = block_kernels.widen(torch.from_numpy(quantize(weight, GGMLQuantizationType[fmt])).view(136, 3, -1), fmt)
+    for rows in (1, 3, 6, 11):
+        x = torch.randn(rows, 96)
+        expected = block_kernels.block_linear_ref(x, blocks)
+        torch.testing.assert_close(block_kernels.block_linear(x, blocks), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+print("avx2 build ok")
+"""
+
+
+def test_the_avx2_build_matches_the_reference_on_an_avx512_machine_too():
+    """Both builds of the loop are checked wherever the tests run: the AVX-512 one by the tests above (where
+    the CPU has it), the AVX2 one here, forced in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRANSERVE_CPU_ISA": "avx2"}
+    result = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "avx2 build ok" in result.stdout, result.stderr[-2000:]
+
+
 def test_int8_quantization_of_a_float_model():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 10), torch.nn.Linear(10, 64))

@@ -11,6 +11,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "block_formats.h"
@@ -97,7 +99,9 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& weight) {
   const uint8_t* wp = weight.data_ptr<uint8_t>();
   const float* sp = x_sums.data();
   float* yp = y.data_ptr<float>();
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  // TRANSERVE_CPU_ISA=avx2 keeps the AVX2 build on an AVX-512 CPU (tests check both builds on one machine).
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             !(std::getenv("TRANSERVE_CPU_ISA") && std::string(std::getenv("TRANSERVE_CPU_ISA")) == "avx2");
   // Output rows split across threads; a grain of 64 keeps a small linear on one thread.
   at::parallel_for(0, n_out, 64, [&](int64_t n0, int64_t n1) {
     std::vector<float> w(rows > FUSED_ROWS ? 2 * k : 0);  // two dequantized weight rows, for many rows of x
