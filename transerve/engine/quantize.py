@@ -2,7 +2,8 @@
 
 - `auto` (default): `gguf` where it can run (CPU, float32, the C++ kernels built), else `none`. The file's
   blocks are the file's weights, so answers are float32's up to rounding (bench/quality.py); on SmolLM2
-  they are faster up to 8 users and use less memory, ~12% slower at 32 (bench/README.md).
+  they are faster up to 8 users (1.3-1.5x), at par at 32, in a fifth of the memory (bench/README.md). A
+  machine without a C++ compiler runs float32 (one log line).
 - `none`: every model in float (a GGUF fully dequantized, as transformers loads it).
 - `gguf`: a GGUF model keeps its file's Q4_0/Q4_1/Q8_0 tensors byte for byte on CPU (engine/gguf_weights.py),
   computed by the fused C++ kernels of engine/block_kernels.py; tensors of other GGUF types stay float32.
@@ -28,7 +29,6 @@ from transerve.engine.gguf_weights import use_gguf_linears
 from transerve.engine.quantized import QuantizedLinear, use_int8_linears
 
 log = logging.getLogger(__name__)
-
 
 
 def gguf_source(model_dir: str) -> str | None:
