@@ -56,22 +56,6 @@ struct Vec {
 
 #include "block_linear_kernel.h"
 
-// As the gguf package dequantizes, bit for bit: d * q + m (Q4_0's (q - 8) * d is exact either way), d * q.
-template <Layout L>
-void dequantize_blocks(const uint8_t* weight, int64_t b0, int64_t b1, float* out) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint8_t* block = weight + b * block_bytes(L);
-    const float* dm = reinterpret_cast<const float*>(block);
-    Vec::T v[4];
-    Vec::load_block<L>(block + (L == Layout::NIBBLES ? 8 : 4), v);
-    for (int j = 0; j < 4; ++j) {
-      Vec::T w = Vec::mul(v[j], Vec::broadcast(dm));
-      if constexpr (L == Layout::NIBBLES) w = Vec::add(w, Vec::broadcast(dm + 1));
-      _mm256_storeu_ps(out + b * BLOCK + 8 * j, w);
-    }
-  }
-}
-
 }  // namespace avx2
 
 Layout layout_of(const at::Tensor& weight) {
@@ -113,18 +97,22 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
-// The float32 weight [out, in].
+// The float32 weight [out, in], as the gguf package dequantizes, bit for bit: d * q + m (Q4_0's (q - 8) * d is
+// exact either way), d * q.
 at::Tensor block_dequantize(const at::Tensor& weight) {
   const Layout l = layout_of(weight);
   const int64_t n_out = weight.size(0), groups = weight.size(1);
   at::Tensor out = at::empty({n_out, groups * BLOCK}, weight.options().dtype(at::kFloat));
   const uint8_t* wp = weight.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, n_out * groups, 256, [&](int64_t b0, int64_t b1) {
-    if (l == Layout::NIBBLES)
-      avx2::dequantize_blocks<Layout::NIBBLES>(wp, b0, b1, op);
-    else
-      avx2::dequantize_blocks<Layout::BYTES>(wp, b0, b1, op);
+  const int64_t k = groups * BLOCK;
+  at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      if (l == Layout::NIBBLES)
+        avx2::dequantize_row<Layout::NIBBLES>(wp, n, k, op + n * k);
+      else
+        avx2::dequantize_row<Layout::BYTES>(wp, n, k, op + n * k);
+    }
   });
   return out;
 }

@@ -41,9 +41,7 @@ def _load() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        build_dir = Path(cpp_extension._get_build_directory("transerve_blocks", verbose=False))
-        if not (build_dir / "transerve_blocks.so").exists():
-            log.info("building the block-quantized CPU kernels (once, ~20 s)")
+        log.info("loading the block-quantized CPU kernels (built on first use, ~20 s, then cached)")
         cpp_extension.load(name="transerve_blocks", sources=[str(p) for p in _SOURCES], is_python_module=False,
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means: serve float weights instead

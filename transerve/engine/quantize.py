@@ -46,9 +46,8 @@ def quantize_model(model: torch.nn.Module, mode: str, model_dir: str, device: to
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {mode!r}")
     gguf = gguf_source(model_dir)
-    if mode == "auto":
-        can_run = gguf is not None and device.type == "cpu" and dtype == torch.float32 and block_kernels.available()
-        mode = "gguf" if can_run else "none"
+    if mode == "auto":  # the checks below say why a GGUF, where it cannot, runs in float
+        mode = "gguf" if gguf is not None else "none"
     if mode == "none":
         return precision(model)
     if device.type != "cpu":

@@ -18,7 +18,7 @@ from gguf.quants import quantize
 from transerve.engine.block_kernels import BLOCK, FILE_BLOCK_BYTES, block_dequantize, block_linear, widen
 
 # All of SmolLM2-135M's linears, 2-core Xeon with AVX-512 (bench/quant_bench.py --stack): the C++ kernel
-# 11 ms at 1 row, 34 at 8, 126 at 32; dequantize + GEMM 88, 117, 153 ms.
+# 14 ms at 1 row, 35 at 8, 72 at 16, 144 at 32; dequantize + GEMM 70, 121, 111, 130 ms (they cross near 32).
 FUSED_MAX_ROWS = 32
 
 
@@ -46,7 +46,7 @@ class QuantizedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] <= FUSED_MAX_ROWS:
-            out = block_linear(flat.contiguous(), self.blocks)
+            out = block_linear(flat, self.blocks)
         else:  # `W @ x^T`: MKL is faster that way round for skinny x (engine/cpu_linear.py)
             out = torch.mm(self.dequantized_weight(), flat.t()).t()
         if self.bias is not None:
