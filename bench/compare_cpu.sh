@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Servers on one CPU box in one run, on SmolLM2-135M-Instruct, one after the other: transerve (float32,
-# the GGUF's quantized weights, and those with --compile), llama.cpp's llama-server on the same GGUF
+# Servers on one CPU box in one run, on SmolLM2-135M-Instruct, one after the other: transerve (the default:
+# the GGUF's quantized weights with compiled decode steps; eager; float32), llama.cpp's llama-server on the same GGUF
 # (when built), and `transformers serve --continuous-batching` (when asked). 128-token answers, greedy.
 # Prints every pass as it goes, then one table of all rows and the median output tok/s per server and
 # concurrency over ROUNDS rounds.
@@ -24,7 +24,7 @@ CONCURRENCY=${CONCURRENCY:-1 8 32}
 NUM_REQUESTS=${NUM_REQUESTS:-}          # one per concurrency; default 4x each concurrency, at least 6
 [ -z "$NUM_REQUESTS" ] && for c in $CONCURRENCY; do NUM_REQUESTS="$NUM_REQUESTS $(( c * 4 > 6 ? c * 4 : 6 ))"; done
 LOAD_ARGS="--max-tokens 128 --warmup 2 --timeout 900 --extra-body {\"temperature\":0}"
-DEFAULT_SERVERS="transerve-f32 transerve-q4 transerve-q4-compile"
+DEFAULT_SERVERS="transerve-f32 transerve-q4-eager transerve-q4"
 [ -x "$LLAMA_SERVER" ] && DEFAULT_SERVERS="$DEFAULT_SERVERS llama"
 SERVERS=${SERVERS:-$DEFAULT_SERVERS}
 OUT=${OUT:-/tmp/compare-cpu}; mkdir -p "$OUT"; rm -f "$OUT"/*.txt
@@ -44,9 +44,14 @@ load() {
 transerve() {  # $1 label, rest: serve flags
     local label=$1; shift; local p; p=$(port)
     OMP_NUM_THREADS=$THREADS HF_HUB_OFFLINE=1 timeout 3600 python -m transerve.cli.main serve "$GGUF" --host 127.0.0.1 \
-        --port "$p" --max-num-seqs 64 "$@" >> "$OUT/$label.log" 2>&1 &
+        --port "$p" --max-num-seqs 64 "$@" > "$OUT/$label.log.now" 2>&1 &
     local pid=$!
+    # Compiled decode steps get ready in the background (minutes the first time): measure them once ready.
+    if [[ " $* " != *" --enforce-eager "* ]]; then
+        for _ in $(seq 3600); do grep -qE "run compiled|compiling the decode steps failed" "$OUT/$label.log.now" && break; sleep 1; done
+    fi
     load "$label" "$p" "$CONCURRENCY" "$NUM_REQUESTS" --ignore-eos
+    cat "$OUT/$label.log.now" >> "$OUT/$label.log"
     stop $pid
 }
 
@@ -54,11 +59,11 @@ for round in $(seq "$ROUNDS"); do
     echo "# round $round of $ROUNDS: $SERVERS (concurrency $CONCURRENCY, $THREADS threads; load $(cut -d' ' -f1-3 /proc/loadavg))"
     for server in $SERVERS; do
         case $server in
-            transerve-f32) transerve "$server" --quantization none ;;
-            transerve-f32-sync) transerve "$server" --quantization none --no-async-scheduling ;;
             transerve-q4) transerve "$server" --quantization gguf ;;
-            transerve-q4-compile) transerve "$server" --quantization gguf --compile ;;
-            transerve-f32-compile) transerve "$server" --quantization none --compile ;;
+            transerve-q4-eager) transerve "$server" --quantization gguf --enforce-eager ;;
+            transerve-f32) transerve "$server" --quantization none --enforce-eager ;;
+            transerve-f32-compile) transerve "$server" --quantization none ;;
+            transerve-f32-sync) transerve "$server" --quantization none --enforce-eager --no-async-scheduling ;;
             llama)
                 set -- $NUM_REQUESTS
                 for c in $CONCURRENCY; do

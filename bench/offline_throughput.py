@@ -100,9 +100,12 @@ def run_transerve(args, config, prompts, device, dtype) -> tuple[float, int]:
     max_model_len = args.input_len_max + args.output_len
     max_tokens = min(args.num_requests, args.max_num_seqs) * max_model_len
     blocks = num_kv_blocks(model, args, device, max_tokens)
-    engine_config = EngineConfig(device=str(device), dtype=str(dtype)[6:], compile_decode=args.compile,
+    engine_config = EngineConfig(device=str(device), dtype=str(dtype)[6:], enforce_eager=device.type == "cpu" and not args.compile,
                                  cache=CacheConfig(block_size=args.block_size, num_kv_blocks=blocks))
     runner = ModelRunner(model, engine_config, blocks, max_model_len)
+    if args.compile and device.type == "cpu":  # as a server would, but before timing: saved steps, or compile now
+        runner.graphs.load_saved()
+        runner.graphs.compile_buckets()
     if device.type == "cuda":
         from transerve.kernels.paged_attention import precompile
 

@@ -75,15 +75,19 @@ def main() -> None:
         torch._inductor.config.cpp.enable_kernel_profile = True
     device = torch.device("cpu")
     torch.set_num_threads(args.threads)
-    # As the server loads it: with --compiled, quantized weights as the compiled step's int8 rows.
     path = models.materialize(models.resolve(args.model))
-    model = load_model(path, EngineConfig(device="cpu", dtype="float32", quantization=args.quantization,
-                                          compile_decode=args.compiled), device, torch.float32)
+    model = load_model(path, EngineConfig(device="cpu", dtype="float32", quantization=args.quantization), device, torch.float32)
     blocks, block_size, max_len = args.batch * 12 + 1, 16, 128 + args.steps + 64
-    config = EngineConfig(device="cpu", dtype="float32", compile_decode=args.compiled,
+    config = EngineConfig(device="cpu", dtype="float32", enforce_eager=not args.compiled,
                           cache=CacheConfig(block_size=block_size, num_kv_blocks=blocks),
                           scheduler=SchedulerConfig(max_num_seqs=max(args.batch, 1), max_num_batched_tokens=8192))
     runner = ModelRunner(model, config, blocks, max_len)
+    if args.compiled:  # the buckets saved by an earlier run, or compiled (and saved) now
+        start = time.perf_counter()
+        loaded = runner.graphs.load_saved()
+        runner.graphs.compile_buckets()
+        print(f"compiled steps: loaded {loaded}, compiled {sorted(set(runner.graphs.steps) - set(loaded))} "
+              f"in {time.perf_counter() - start:.1f} s (saved under {runner.graphs.artifacts})")
     core = EngineCore(config.scheduler, blocks, block_size, max_len)
     rng = random.Random(0)
     params = SamplingParams(max_tokens=args.steps + 20, temperature=0.0, ignore_eos=True)
@@ -96,8 +100,7 @@ def main() -> None:
         model.register_forward_pre_hook(lambda *a: forward_s.append(-time.perf_counter()))
         model.register_forward_hook(lambda *a: forward_s.__setitem__(-1, forward_s[-1] + time.perf_counter()))
     else:
-        timed(runner.graphs, "forward", parts["compiled graph"])
-        timed(runner.graphs, "run", parts["graph run (inputs + graph)"])
+        timed(runner.graphs, "run", parts["graph run (inputs, guards, graph)"])
     timed(runner, "prepare", parts["runner prepare"])
     timed(model_runner, "sample_step", parts["sampling"])
     timed(runner, "execute", parts["runner execute"])
@@ -111,15 +114,8 @@ def main() -> None:
         cpu_s.append(time.process_time() - c0)
         return time.perf_counter() - t0
 
-    warm_start = time.perf_counter()
-    for _ in range(5):  # prefill, then warm decodes (compiles, if compiled)
+    for _ in range(5):  # prefill, then warm decodes
         step()
-    if args.compiled:
-        from torch._dynamo.utils import counters
-
-        cache = {k.removeprefix("fxgraph_cache_"): v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
-        print(f"prefill + first decodes (the compile, or its load from the cache): {time.perf_counter() - warm_start:.1f} s; "
-              f"inductor FX graph cache {dict(cache)}")
     forward_s.clear()
     for v in parts.values():
         v.clear()

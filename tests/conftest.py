@@ -121,9 +121,12 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """`transerve serve` in a subprocess on a free port, as a user would start it."""
+    """`transerve serve` in a subprocess on a free port, as a user would start it. Its decode steps run eagerly
+    unless `compile_decode`: a background compile per model would take the suite's CPU (tests/test_compiled_step.py
+    checks the compiled steps and a server that compiles them)."""
 
-    def __init__(self, *args: str, timeout: float = 240.0) -> None:
+    def __init__(self, *args: str, timeout: float = 240.0, compile_decode: bool = False) -> None:
+        args = args if compile_decode else (*args, "--enforce-eager")
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         log_path = _SESSION_TMP / f"server-{self.port}.log"

@@ -8,9 +8,15 @@ is padded up to 8 rows. The compiled code is cached on disk, so later runs skip 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import time
+from pathlib import Path
 
 import torch
 
+from conftest import LiveServer
+from openai_server import sdk_client
 from test_engine import EOS, greedy, random_prompts
 from transerve.actors.assembly import load
 from transerve.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -21,13 +27,16 @@ from transerve.engine.request import Request
 LENGTHS = [30, 45, 60, 20, 50, 35, 40, 25]
 
 
-def engine(compiled: bool, num_kv_blocks: int = 24):
-    config = EngineConfig(compile_decode=compiled, cache=CacheConfig(block_size=16, num_kv_blocks=num_kv_blocks),
+def engine(compiled: bool, num_kv_blocks: int = 24, quantization: str = "auto", spec: str = "tiny/llama"):
+    """An engine on `spec`; compiled: with compiled decode steps for one bucket, 8, once `compile_buckets` ran."""
+    config = EngineConfig(enforce_eager=not compiled, quantization=quantization,
+                          cache=CacheConfig(block_size=16, num_kv_blocks=num_kv_blocks),
                           scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64))
-    loaded = load("tiny/llama", config, allow_download=False)
+    loaded = load(spec, config, allow_download=False)
     runner = loaded.runner
-    runner.graphs = CompiledDecode(runner.model, runner.kv_caches, max_num_seqs=8,
-                                   max_blocks_per_seq=runner.max_blocks_per_seq, block_size=16, buckets=(8,), max_batch=8) if compiled else None
+    if compiled:  # the runner's scratch block is its last one
+        runner.graphs = CompiledDecode(runner.model, runner.kv_caches, max_num_seqs=8, max_blocks_per_seq=runner.max_blocks_per_seq,
+                                       block_size=16, scratch_block=num_kv_blocks, buckets=(8,), max_batch=8)
     return loaded
 
 
@@ -39,12 +48,14 @@ def run(loaded, prompts, max_tokens=24):
 
 def test_compiled_decode_gives_the_eager_tokens_alone_and_in_a_preempting_batch(tiny_repos):
     eager, compiled = engine(compiled=False), engine(compiled=True)
+    compiled.runner.graphs.compile_buckets()
     prompts = random_prompts(eager.runner.model.config.vocab_size, LENGTHS, seed=2)
     assert run(compiled, prompts[:1]) == run(eager, prompts[:1])
     # 24 blocks of 16 tokens cannot hold all eight; a 64-token budget chunks the prompts.
     assert run(compiled, prompts, 40) == run(eager, prompts, 40)
     assert compiled.core.scheduler.num_preemptions > 0
-    assert compiled.runner.graphs.compiled == {8} and not compiled.runner.graphs.failed
+    graphs = compiled.runner.graphs
+    assert set(graphs.steps) == {8} and graphs.steps_run > 40 and not graphs.failed
 
 
 def test_a_model_the_compiler_rejects_is_served_eagerly_with_one_log_line(tiny_repos, caplog):
@@ -54,8 +65,41 @@ def test_a_model_the_compiler_rejects_is_served_eagerly_with_one_log_line(tiny_r
     eager = engine(compiled=False, num_kv_blocks=64)
     prompts = random_prompts(eager.runner.model.config.vocab_size, LENGTHS[:3], seed=3)
     with caplog.at_level(logging.INFO, logger="transerve.engine.compiled_step"):
+        loaded.runner.graphs.compile_buckets()
         assert run(loaded, prompts) == run(eager, prompts)
     failures = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(failures) == 1 and "running eagerly" in failures[0].getMessage()
     assert loaded.runner.graphs.failed and loaded.runner.graphs.bucket(1) is None
 
+
+
+def test_a_server_compiles_decode_steps_in_the_background_and_a_restart_loads_them(tiny_repos):
+    """`transerve serve` on CPU answers at once (eagerly while a child process compiles its buckets), then
+    from compiled steps, with the same greedy text; a second start loads the saved steps instead."""
+    def ask(srv) -> str:
+        return sdk_client(srv.base_url).completions.create(model="tiny/llama", prompt="the compiled step", max_tokens=16,
+                                                           temperature=0).choices[0].text
+
+    def wait_for(srv, line: str) -> None:
+        deadline = time.monotonic() + 600  # a cold compile on a 2-core box
+        while line not in srv.output():
+            assert "failed" not in srv.output() and time.monotonic() < deadline, srv.output()
+            time.sleep(0.5)
+
+    # --max-num-seqs 2: buckets 1 and 2; a KV cache size no other test uses, so the first start compiles.
+    args = ("tiny/llama", "--num-kv-blocks", "71", "--max-num-seqs", "2")
+    shutil.rmtree(Path(os.environ["TRANSERVE_CACHE"]) / "decode-steps", ignore_errors=True)
+    srv = LiveServer(*args, compile_decode=True)
+    try:
+        first = ask(srv)
+        wait_for(srv, "decode steps of up to 2 sequences run compiled")
+        assert "compiling the decode steps for batch sizes 1, 2 in a background process" in srv.output()
+        assert ask(srv) == first
+    finally:
+        assert srv.stop() == 0, srv.output()
+    again = LiveServer(*args, compile_decode=True)
+    try:
+        wait_for(again, "loaded the compiled decode steps for batch sizes 1, 2")
+        assert ask(again) == first and "compiling" not in again.output()
+    finally:
+        assert again.stop() == 0, again.output()

@@ -76,10 +76,9 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     trust_remote_code: bool = False
-    enforce_eager: bool = False  # on CUDA, no decode CUDA graphs; on CPU, no compiled decode steps
-    # On CPU, decode steps as compiled graphs (engine/compiled_step.py); off by default: each batch-size
-    # bucket's first compile takes a minute or two on a small CPU (cached on disk after).
-    compile_decode: bool = False
+    # On CUDA, no decode CUDA graphs; on CPU, no compiled decode steps (engine/compiled_step.py: a server
+    # compiles them in the background, minutes cold on a small CPU, cached on disk after).
+    enforce_eager: bool = False
     # Ranks that each hold 1/N of the weights and KV heads (transerve/parallel/); 1: one device, no workers.
     tensor_parallel_size: int = 1
     # Weights the linears compute with: one of QUANTIZATION_MODES.

@@ -10,6 +10,7 @@ import torch
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from transerve.actors.messages import ExecuteStep, StepResult
+from transerve.actors.background_compile import BackgroundCompile
 from transerve.engine.model_runner import ModelRunner
 from transerve.engine.step import ScheduledStep
 
@@ -20,30 +21,38 @@ async def executor_actor(
     runner: ModelRunner,
     inbox: ObjectReceiveStream[ExecuteStep],
     to_scheduler: ObjectSendStream[StepResult],
+    compiling: BackgroundCompile | None = None,
 ) -> None:
     """A step that raises (a bug in forward, out of memory) becomes a StepResult with an error: the
-    scheduler fails that step's requests and the next step runs as usual."""
+    scheduler fails that step's requests and the next step runs as usual. `compiling` (CPU) makes the
+    decode steps' compiled graphs ready while steps run: it starts here and stops with the actor."""
     seen: dict[str, int] = {}  # how often each distinct failure happened, so a repeating one logs once
     failed = FailedRequests()
-    async with inbox, to_scheduler:
-        async for message in inbox:
-            step = failed.filter(message.step)
-            if step is None:  # only requests of a failed step: nothing to run
-                await to_scheduler.send(StepResult())
-                continue
-            try:
-                # A worker thread keeps the event loop serving HTTP while the model computes.
-                result = StepResult(await anyio.to_thread.run_sync(runner.execute, step))
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                _log_failure(seen, error, step.num_requests)
-                failed.add(step)
-                if isinstance(exc, torch.OutOfMemoryError):
-                    # The failed step's activations are garbage now; give their memory back to the
-                    # allocator so the next, maybe smaller, step can run.
-                    await anyio.to_thread.run_sync(torch.cuda.empty_cache)
-                result = StepResult(error=error)
-            await to_scheduler.send(result)
+    if compiling is not None:
+        compiling.start()
+    try:
+        async with inbox, to_scheduler:
+            async for message in inbox:
+                step = failed.filter(message.step)
+                if step is None:  # only requests of a failed step: nothing to run
+                    await to_scheduler.send(StepResult())
+                    continue
+                try:
+                    # A worker thread keeps the event loop serving HTTP while the model computes.
+                    result = StepResult(await anyio.to_thread.run_sync(runner.execute, step))
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                    _log_failure(seen, error, step.num_requests)
+                    failed.add(step)
+                    if isinstance(exc, torch.OutOfMemoryError):
+                        # The failed step's activations are garbage now; give their memory back to the
+                        # allocator so the next, maybe smaller, step can run.
+                        await anyio.to_thread.run_sync(torch.cuda.empty_cache)
+                    result = StepResult(error=error)
+                await to_scheduler.send(result)
+    finally:  # the model is unloading or the server stopping: compile no more
+        if compiling is not None:
+            compiling.stop()
 
 
 class FailedRequests:

@@ -11,6 +11,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from transerve.actors.assembly import LoadedModel
+from transerve.actors.background_compile import BackgroundCompile
 from transerve.actors.client import EngineClient
 from transerve.actors.detokenizer import detokenizer_actor
 from transerve.actors.embedder import EmbedJob, embedder_actor
@@ -48,7 +49,7 @@ async def start_engine(task_group: TaskGroup, loaded: LoadedModel | Transcriber 
     task_group.start_soon(tokenizer_actor, loaded.tokenizer, loaded.max_model_len, loaded.core.kv_capacity, tok_recv,
                           detok_send, sched_send, loaded.image_prompts, loaded.vocab_size)
     task_group.start_soon(scheduler.run)
-    task_group.start_soon(executor_actor, loaded.runner, exec_recv, result_send)
+    task_group.start_soon(executor_actor, loaded.runner, exec_recv, result_send, BackgroundCompile.of(loaded.model_id, loaded.runner))
     task_group.start_soon(detokenizer_actor, loaded.tokenizer, detok_recv)
     if isinstance(loaded.runner, TensorParallelRunner):  # stops the server when a rank dies
         task_group.start_soon(loaded.runner.ranks.watch, client.closed)

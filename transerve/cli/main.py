@@ -45,10 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="KV cache dtype; other than the weights' on CPU only (default: auto, the weights' dtype)")
     serve.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of shared prompt prefixes")
     serve.add_argument("--enforce-eager", action="store_true",
-                       help="run decode steps eagerly (no CUDA graphs on CUDA, no compiled steps on CPU)")
-    serve.add_argument("--compile", action="store_true",
-                       help="on CPU, compile decode steps with torch.compile (first use of each batch size compiles; "
-                            "cached under ~/.cache/transerve/inductor)")
+                       help="run decode steps eagerly: no CUDA graphs on CUDA; on CPU, no compiled decode steps (by "
+                            "default they compile in the background while steps run eagerly, cached under "
+                            "~/.cache/transerve/inductor)")
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="split MODEL over this many GPUs of this box (cuda:0..N-1), or CPU processes with "
                             "--device cpu (default: 1)")

@@ -37,7 +37,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             dtype=args.dtype,
             trust_remote_code=args.trust_remote_code,
             enforce_eager=args.enforce_eager,
-            compile_decode=args.compile,
             tensor_parallel_size=args.tensor_parallel_size,
             quantization=args.quantization,
             cache=CacheConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,

@@ -12,17 +12,24 @@ the graph from `block_tables`, `seq_lens` and `ctx_pos`. Padding rows repeat the
 write that row's K/V to its slot (the same bytes, so duplicate writes are harmless) and their logits
 are dropped.
 
-Compiled code is cached on disk by inductor (TORCHINDUCTOR_CACHE_DIR, by default under
-~/.cache/transerve/inductor), so a second start skips the C++ compile. If compiling fails, the step
-logs one line and every later step runs eagerly: a model that the compiler rejects is still served.
+Each bucket is compiled ahead of time (dynamo's `aot_compile`: the traced graph, inductor's C++ and the
+guards on tensor shapes, without the model's weights, which are inputs) and saved under `artifacts`, a
+directory named for everything the graph depends on (`artifacts_dir`). A later start loads the saved
+steps in about a second each, with no tracing; a server compiles the missing ones in a child process
+(actors/background_compile.py) and serves eagerly until each is ready. A compile's dummy step reads and
+writes one KV block that no request holds (`scratch_block`). If compiling fails, one line is logged and
+every step runs eagerly: a model that the compiler rejects is still served.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,14 +100,31 @@ def _decode_forward(model, kv_caches, input_ids, positions, slot_mapping, src_ro
     return out.logits[0].float()
 
 
+def artifacts_dir(model, kv_caches, max_blocks_per_seq: int, buckets: list[int]) -> Path:
+    """Where a model's compiled steps are saved: a directory named for what the graphs depend on (the model's
+    modules and config, the KV cache's and block table's shapes, the buckets, the code and the libraries),
+    never for the weights' values, which the steps take as inputs."""
+    import transformers
+
+    sources = [Path(__file__), Path(__file__).with_name("attention.py"), Path(__file__).with_name("quantized.py")]
+    key = [repr(model), model.config.to_json_string(), str(kv_caches[0][0].shape), str(kv_caches[0][0].dtype),
+           len(kv_caches), max_blocks_per_seq, buckets, torch.__version__, transformers.__version__,
+           torch.backends.cpu.get_cpu_capability(), *(p.read_text() for p in sources)]
+    digest = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:20]
+    return inductor_cache_dir().parent / "decode-steps" / digest
+
+
 class CompiledDecode:
-    """`bucket(n)` and `run(...)` as DecodeGraphs; `run` returns None once compiling has failed. Batches
-    above `max_batch` have no bucket: they run eagerly."""
+    """`bucket(n)` and `run(...)` as DecodeGraphs, over the buckets compiled or loaded so far; `run` returns
+    None for a step its compiled bucket cannot take (the eager step runs it). Batches above `max_batch` have
+    no bucket: they run eagerly."""
 
     def __init__(self, model, kv_caches, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, max_batch: int = MAX_COMPILED_BATCH) -> None:
-        self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
+                 scratch_block: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, max_batch: int = MAX_COMPILED_BATCH,
+                 artifacts: Path | None = None) -> None:
+        self.model, self.kv_caches, self.block_size, self.scratch_block = model, kv_caches, block_size, scratch_block
         self.buckets = [b for b in bucket_sizes(buckets, max_num_seqs) if b <= max_batch]
+        self.artifacts = artifacts or artifacts_dir(model, kv_caches, max_blocks_per_seq, self.buckets)
         n = max(self.buckets, default=1)
         self.input_ids = torch.zeros(n, dtype=torch.int64)
         self.positions = torch.zeros(n, dtype=torch.int64)
@@ -110,17 +134,69 @@ class CompiledDecode:
         self.seq_lens = torch.ones(n, dtype=torch.int32)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32)
         self.ctx_pos = torch.arange(max_blocks_per_seq * block_size, dtype=torch.int64)
-        self.compiled = set()  # buckets already compiled in this process
+        self.steps: dict[int, Callable] = {}  # bucket -> its compiled step, ready to run
+        self.steps_run = 0  # decode steps that ran compiled
         self.failed = False
         use_transerve_cache()
-        # dynamic=False: the batch stays static per bucket; only ctx_pos is marked dynamic.
-        self.forward = torch.compile(_decode_forward, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+        # dynamic=False: the batch stays static per bucket; only ctx_pos is marked dynamic. Only guards on
+        # tensor shapes and global state are kept: the model is fixed for the runner's life, and those are
+        # what a saved step can check in another process.
+        self.forward = torch.compile(_decode_forward, dynamic=False, fullgraph=True,
+                                     options={"cpp_wrapper": True, "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
 
     def bucket(self, num_seqs: int) -> int | None:
-        if self.failed or not self.buckets:
+        """The smallest ready bucket that holds `num_seqs` sequences, if any."""
+        if self.failed:
             return None
-        i = next((i for i, b in enumerate(self.buckets) if b >= num_seqs), None)
-        return None if i is None else self.buckets[i]
+        return next((b for b in self.buckets if b >= num_seqs and b in self.steps), None)
+
+    def missing(self) -> list[int]:
+        return [b for b in self.buckets if b not in self.steps]
+
+    def load_saved(self) -> list[int]:
+        """Load the buckets saved under `artifacts`; returns those loaded."""
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        loaded = []
+        for bs in self.missing():
+            path = self.artifacts / f"batch-{bs}.bin"
+            if not path.exists():
+                continue
+            try:
+                self.steps[bs] = _unguarded(AOTCompiledFunction.deserialize(path.read_bytes()))
+            except Exception as exc:  # noqa: BLE001 - a stale or partial file: compiled again instead
+                log.warning("could not load the compiled decode step %s (%s); it compiles again", path, exc)
+                path.unlink(missing_ok=True)
+                continue
+            loaded.append(bs)
+        return loaded
+
+    @torch.inference_mode()
+    def compile_buckets(self) -> None:
+        """Compile and save every missing bucket, smallest first, each from a dummy decode step: one token per
+        row at position block_size - 1 of the scratch block."""
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        length = self.block_size  # > 1: dynamo specializes context lengths 0 and 1
+        for bs in self.missing():
+            with torch.inference_mode(False):  # tensors like run's buffers: the guards check their dispatch keys
+                ctx_pos = torch.arange(length, dtype=torch.int64)
+                args = (self.model, self.kv_caches, torch.zeros(bs, dtype=torch.int64), torch.full((bs,), length - 1),
+                        torch.full((bs,), self.scratch_block * self.block_size + length - 1), torch.arange(bs),
+                        torch.full(self.block_tables[:bs].shape, self.scratch_block, dtype=torch.int32),
+                        torch.full((bs,), length, dtype=torch.int32), torch.arange(bs + 1, dtype=torch.int32), ctx_pos)
+            torch._dynamo.maybe_mark_dynamic(ctx_pos, 0)
+            log.info("compiling the decode step for batch size %d...", bs)
+            start = time.perf_counter()
+            try:
+                step = self.forward.aot_compile((args, {}))
+                step.save_compiled_function(str(self.artifacts / f"batch-{bs}.bin"))
+            except Exception as exc:  # noqa: BLE001 - never refuse to serve: the eager step computes the same
+                log.warning("compiling the decode step failed; running eagerly (%s: %s)", type(exc).__name__,
+                            str(exc).splitlines()[0] if str(exc) else "")
+                self.failed = True
+                return
+            self.steps[bs] = _unguarded(step)
+            log.info("compiled the decode step for batch size %d in %.1f s", bs, time.perf_counter() - start)
 
     @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: np.ndarray,
@@ -138,23 +214,19 @@ class CompiledDecode:
         self.seq_lens[:bs] = torch.tensor(seq_lens + seq_lens[-1:] * pad)
         self.block_tables[:n, :width] = torch.from_numpy(block_tables)
         self.block_tables[n:bs] = self.block_tables[n - 1]
-        ctx_pos = self.ctx_pos[: max(seq_lens)]
-        # maybe_: inductor's CPU codegen may guard the length (e.g. `<= 4096` for its reduction helper) and a
-        # strict mark_dynamic turns that guard into a failed compile; a longer context then compiles once more.
-        torch._dynamo.maybe_mark_dynamic(ctx_pos, 0)
         args = (self.model, self.kv_caches, self.input_ids[:bs], self.positions[:bs], self.slot_mapping[:bs],
-                self.src_row[:bs], self.block_tables[:bs], self.seq_lens[:bs], self.query_start_loc[: bs + 1], ctx_pos)
-        if bs in self.compiled:
-            return self.forward(*args)[:n]
-        log.info("compiling the decode step for batch size %d (cached on disk for later starts)...", bs)
-        start = time.perf_counter()
-        try:
-            with torch._dynamo.config.patch(recompile_limit=max(64, 2 * len(self.buckets))):
-                logits = self.forward(*args)[:n]
-        except Exception as exc:  # never refuse to serve: the eager step computes the same thing
-            log.warning("compiling the decode step failed; running eagerly (%s: %s)", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            self.failed = True
+                self.src_row[:bs], self.block_tables[:bs], self.seq_lens[:bs], self.query_start_loc[: bs + 1],
+                self.ctx_pos[: max(seq_lens)])
+        step = self.steps[bs]
+        # A context the graph's shape guards exclude (inductor's CPU code may bound the length, e.g.
+        # `<= 4096` for its reduction helper) runs eagerly.
+        if not step.guard_check(*args):
             return None
-        self.compiled.add(bs)
-        log.info("compiled the decode step for batch size %d in %.1f s", bs, time.perf_counter() - start)
-        return logits
+        self.steps_run += 1
+        return step(*args)[:n]
+
+
+def _unguarded(step):
+    """`run` checks a step's guards itself, once, and runs the step eagerly where they fail."""
+    step.disable_guard_check()
+    return step

@@ -35,8 +35,11 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         text_config = model.config.get_text_config()
         num_kv_heads, head_dim = kv_shape(text_config)
-        shape = (num_kv_blocks, self.block_size, num_kv_heads, head_dim)
         self.kv_dtype = kv_cache_dtype(config, self.dtype, self.device)
+        # Compiled CPU steps compile (on a background thread) over one more block than requests get.
+        self.compiles_decode = (self.device.type == "cpu" and not config.enforce_eager
+                                and not is_vision_language(model.config))
+        shape = (num_kv_blocks + self.compiles_decode, self.block_size, num_kv_heads, head_dim)
         self.kv_caches = allocate_kv_caches(text_config.num_hidden_layers, shape, self.kv_dtype, self.device)
         self.write_kv, self.paged_attention, self.sample = kernels_for(self.device)
         self.requests: dict[str, RequestState] = {}  # what the runner keeps between steps
@@ -46,9 +49,10 @@ class ModelRunner:
         self.multimodal = MultimodalRunner(model) if is_vision_language(model.config) else None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = self._capture_decode_graphs(text_config, num_kv_heads, head_dim)
-        elif self.device.type == "cpu" and config.compile_decode and not config.enforce_eager and self.multimodal is None:
+        elif self.compiles_decode:  # nothing compiles until compile_decode_steps (the server calls it in the background)
             self.graphs = CompiledDecode(model, self.kv_caches, max_num_seqs=config.scheduler.max_num_seqs,
-                                         max_blocks_per_seq=self.max_blocks_per_seq, block_size=self.block_size)
+                                         max_blocks_per_seq=self.max_blocks_per_seq, block_size=self.block_size,
+                                         scratch_block=num_kv_blocks)
 
     def _capture_decode_graphs(self, text_config, num_kv_heads: int, head_dim: int):
         """Compile every attention variant, then capture decode steps per batch-size bucket."""

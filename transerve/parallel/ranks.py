@@ -104,7 +104,7 @@ def build_runner(job: RankJob, model, num_kv_blocks: int, max_model_len: int) ->
     device = next(model.parameters()).device
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=job.init_method,
                             rank=job.rank, world_size=job.config.tensor_parallel_size)
-    eager = dataclasses.replace(job.config, enforce_eager=True, compile_decode=False)
+    eager = dataclasses.replace(job.config, enforce_eager=True)
     runner = ModelRunner(model, eager, num_kv_blocks, max_model_len)
     dist.barrier()
     return runner
@@ -146,7 +146,7 @@ def start_tensor_parallel(path: str, config: EngineConfig, dtype: torch.dtype) -
                          "--tensor-parallel-size 1")
     check_shardable(hf_config.get_text_config(), world_size)
     rank_device(config, 0)  # the device checks, before any process starts
-    if config.compile_decode or (not config.enforce_eager and resolve_device(config.device).type == "cuda"):
+    if not config.enforce_eager:
         log.info("tensor parallel: decode steps run eagerly (no CUDA graphs or compiled CPU steps on this path yet)")
     # Workers fork from a fresh, single-threaded server process that has imported torch and transformers
     # once (safe to fork, unlike this threaded one); a second TP model in the same process starts fast.
