@@ -31,6 +31,7 @@ class BackgroundCompile:
     def __init__(self, spec: str, runner: ModelRunner, graphs: CompiledDecode) -> None:
         self.spec, self.runner, self.graphs = spec, runner, graphs
         self.stopped = threading.Event()
+        self.child: subprocess.Popen | None = None
 
     @classmethod
     def of(cls, spec: str, runner) -> "BackgroundCompile | None":
@@ -41,7 +42,10 @@ class BackgroundCompile:
         threading.Thread(target=self._run, name="transerve-compile", daemon=True).start()
 
     def stop(self) -> None:
+        """No more compiling: the model is unloading or the server stopping (which does not wait for the thread)."""
         self.stopped.set()
+        if self.child is not None:
+            self.child.kill()
 
     def _run(self) -> None:
         start = time.perf_counter()
@@ -55,12 +59,17 @@ class BackgroundCompile:
         config = self.runner.config
         # The child sizes nothing itself: the same KV blocks, so the same graph.
         config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, num_kv_blocks=self.graphs.scratch_block))
-        child = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE)
-        child.stdin.write(pickle.dumps((self.spec, config, self.graphs.artifacts)))
-        child.stdin.close()
+        self.child = child = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE)
+        if self.stopped.is_set():  # stopped as it started, before self.child was there to kill
+            child.kill()
+            return
+        try:
+            child.stdin.write(pickle.dumps((self.spec, config, self.graphs.artifacts)))
+            child.stdin.close()
+        except BrokenPipeError:  # killed by stop() meanwhile
+            return
         while child.poll() is None:
             if self.stopped.wait(POLL_S):
-                child.kill()
                 return
             self.graphs.load_saved()
         self.graphs.load_saved()
