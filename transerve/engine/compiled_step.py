@@ -106,7 +106,7 @@ def artifacts_dir(model, kv_caches, max_blocks_per_seq: int, buckets: list[int])
     never for the weights' values, which the steps take as inputs."""
     import transformers
 
-    sources = [Path(__file__), Path(__file__).with_name("attention.py"), Path(__file__).with_name("quantized.py")]
+    sources = [Path(__file__).with_name(name) for name in ("compiled_step.py", "attention.py", "quantized.py", "block_kernels.py")]
     key = [repr(model), model.config.to_json_string(), str(kv_caches[0][0].shape), str(kv_caches[0][0].dtype),
            len(kv_caches), max_blocks_per_seq, buckets, torch.__version__, transformers.__version__,
            torch.backends.cpu.get_cpu_capability(), *(p.read_text() for p in sources)]
@@ -178,13 +178,10 @@ class CompiledDecode:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         length = self.block_size  # > 1: dynamo specializes context lengths 0 and 1
         for bs in self.missing():
-            with torch.inference_mode(False):  # tensors like run's buffers: the guards check their dispatch keys
-                ctx_pos = torch.arange(length, dtype=torch.int64)
-                args = (self.model, self.kv_caches, torch.zeros(bs, dtype=torch.int64), torch.full((bs,), length - 1),
-                        torch.full((bs,), self.scratch_block * self.block_size + length - 1), torch.arange(bs),
-                        torch.full(self.block_tables[:bs].shape, self.scratch_block, dtype=torch.int32),
-                        torch.full((bs,), length, dtype=torch.int32), torch.arange(bs + 1, dtype=torch.int32), ctx_pos)
-            torch._dynamo.maybe_mark_dynamic(ctx_pos, 0)
+            # Through run's own buffers: the guards check how each input tensor was made (its dispatch keys).
+            args = self._inputs(bs, [0] * bs, [length - 1] * bs, [self.scratch_block * self.block_size + length - 1] * bs,
+                                np.full((bs, 1), self.scratch_block, dtype=np.int32), [length] * bs)
+            torch._dynamo.maybe_mark_dynamic(args[-1], 0)
             log.info("compiling the decode step for batch size %d...", bs)
             start = time.perf_counter()
             try:
@@ -204,8 +201,19 @@ class CompiledDecode:
         n = len(input_ids)
         bs = self.bucket(n)
         assert bs is not None
-        width = block_tables.shape[1]
-        pad = bs - n
+        args = self._inputs(bs, input_ids, positions, slots, block_tables, seq_lens)
+        step = self.steps[bs]
+        # A context the graph's shape guards exclude (inductor's CPU code may bound the length, e.g.
+        # `<= 4096` for its reduction helper) runs eagerly.
+        if not step.guard_check(*args):
+            return None
+        self.steps_run += 1
+        return step(*args)[:n]
+
+    def _inputs(self, bs: int, input_ids: list[int], positions: list[int], slots: list[int], block_tables: np.ndarray,
+                seq_lens: list[int]) -> tuple:
+        """The step's arguments for bucket `bs`, in the static buffers, the batch padded with its last row."""
+        n, width, pad = len(input_ids), block_tables.shape[1], bs - len(input_ids)
         self.input_ids[:bs] = torch.tensor(input_ids + input_ids[-1:] * pad)
         self.positions[:bs] = torch.tensor(positions + positions[-1:] * pad)
         self.slot_mapping[:bs] = torch.tensor(slots + slots[-1:] * pad)
@@ -214,16 +222,9 @@ class CompiledDecode:
         self.seq_lens[:bs] = torch.tensor(seq_lens + seq_lens[-1:] * pad)
         self.block_tables[:n, :width] = torch.from_numpy(block_tables)
         self.block_tables[n:bs] = self.block_tables[n - 1]
-        args = (self.model, self.kv_caches, self.input_ids[:bs], self.positions[:bs], self.slot_mapping[:bs],
+        return (self.model, self.kv_caches, self.input_ids[:bs], self.positions[:bs], self.slot_mapping[:bs],
                 self.src_row[:bs], self.block_tables[:bs], self.seq_lens[:bs], self.query_start_loc[: bs + 1],
                 self.ctx_pos[: max(seq_lens)])
-        step = self.steps[bs]
-        # A context the graph's shape guards exclude (inductor's CPU code may bound the length, e.g.
-        # `<= 4096` for its reduction helper) runs eagerly.
-        if not step.guard_check(*args):
-            return None
-        self.steps_run += 1
-        return step(*args)[:n]
 
 
 def _unguarded(step):
