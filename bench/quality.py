@@ -6,7 +6,9 @@
 Each mode loads the model as the server does (engine/quantize.py `quantize_model` over the same weights;
 attention is sdpa here, since no paged batch is needed), then measures:
 - perplexity over the first --tokens tokens of bench/data/opticks.txt (Newton's Opticks, public domain), in
-  one forward;
+  one forward, or fed --chunk tokens at a time through the KV cache (decode-sized batches take a quantized
+  GGUF's fused kernel, up to quantized.FUSED_MAX_ROWS rows; one long forward measures the dequantize + GEMM
+  route instead);
 - greedy agreement with the reference mode (`none`: float32; for a GGUF, the file dequantized to float32)
   over 20 chat prompts of --max-tokens tokens each: the share of positions whose token is the same.
 A mode whose perplexity rises more than 3% over the reference, or that agrees on fewer than 95% of the
@@ -48,8 +50,15 @@ def load(path: str, mode: str):
 
 
 @torch.inference_mode()
-def perplexity(model, ids: torch.Tensor) -> float:
-    return model(ids, labels=ids).loss.exp().item()
+def perplexity(model, ids: torch.Tensor, chunk: int | None = None) -> float:
+    if not chunk:
+        return model(ids, labels=ids).loss.exp().item()
+    past, logits = None, []
+    for start in range(0, ids.shape[1], chunk):
+        out = model(ids[:, start:start + chunk], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits.append(out.logits[0])
+    return torch.nn.functional.cross_entropy(torch.cat(logits)[:-1], ids[0, 1:]).exp().item()
 
 
 @torch.inference_mode()
@@ -75,6 +84,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=None, help="default: none gguf (GGUF), none int8 (others)")
     parser.add_argument("--tokens", type=int, default=3000)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--chunk", type=int, default=None, help="perplexity fed this many tokens at a time")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,7 +96,8 @@ def main() -> None:
     ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids[:, : args.tokens]
     modes = args.modes or (["none", "gguf"] if resolved.gguf_file else ["none", "int8"])
     runs = ["none"] + [m for m in modes if m != "none"]
-    print(f"{args.model}: perplexity over {ids.shape[1]} tokens of {TEXT.name}; greedy agreement over "
+    fed = f", {args.chunk} at a time" if args.chunk else ""
+    print(f"{args.model}: perplexity over {ids.shape[1]} tokens of {TEXT.name}{fed}; greedy agreement over "
           f"{len(PROMPTS)} prompts x {args.max_tokens} tokens; {torch.get_num_threads()} threads", flush=True)
     header = f"{'mode':>6} {'precision':>12} {'perplexity':>10} {'vs ref':>7} {'tokens same':>11} {'prompts same':>12} {'s':>5}  flag"
     print(header + "\n" + "-" * len(header), flush=True)
@@ -94,7 +105,7 @@ def main() -> None:
     for mode in runs:
         start = time.perf_counter()
         model, precision = load(path, mode)
-        ppl = perplexity(model, ids)
+        ppl = perplexity(model, ids, args.chunk)
         answers = greedy(model, tokenizer, args.max_tokens)
         if reference is None:
             reference_ppl, reference = ppl, answers
