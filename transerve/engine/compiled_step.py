@@ -136,13 +136,12 @@ class CompiledDecode:
         self.ctx_pos = torch.arange(max_blocks_per_seq * block_size, dtype=torch.int64)
         self.steps: dict[int, Callable] = {}  # bucket -> its compiled step, ready to run
         self.steps_run = 0  # decode steps that ran compiled
+        self.guard_failure_logged = False
         self.failed = False
         use_transerve_cache()
-        # dynamic=False: the batch stays static per bucket; only ctx_pos is marked dynamic. Only guards on
-        # tensor shapes and global state are kept: the model is fixed for the runner's life, and those are
-        # what a saved step can check in another process.
+        # dynamic=False: the batch stays static per bucket; only ctx_pos is marked dynamic.
         self.forward = torch.compile(_decode_forward, dynamic=False, fullgraph=True,
-                                     options={"cpp_wrapper": True, "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
+                                     options={"cpp_wrapper": True, "guard_filter_fn": _shape_and_global_guards})
 
     def bucket(self, num_seqs: int) -> int | None:
         """The smallest ready bucket that holds `num_seqs` sequences, if any."""
@@ -206,6 +205,10 @@ class CompiledDecode:
         # A context the graph's shape guards exclude (inductor's CPU code may bound the length, e.g.
         # `<= 4096` for its reduction helper) runs eagerly.
         if not step.guard_check(*args):
+            if not self.guard_failure_logged:
+                reason = step._artifacts.guard_manager.check_verbose(step.prepare_f_locals(*args)).verbose_code_parts
+                log.info("a decode step of batch size %d ran eagerly: its compiled step's guards failed (%s)", n, reason)
+                self.guard_failure_logged = True
             return None
         self.steps_run += 1
         return step(*args)[:n]
@@ -225,6 +228,13 @@ class CompiledDecode:
         return (self.model, self.kv_caches, self.input_ids[:bs], self.positions[:bs], self.slot_mapping[:bs],
                 self.src_row[:bs], self.block_tables[:bs], self.seq_lens[:bs], self.query_start_loc[: bs + 1],
                 self.ctx_pos[: max(seq_lens)])
+
+
+def _shape_and_global_guards(guard_entries) -> list[bool]:
+    """The guards a step keeps: the symbolic shapes' (the context length's range) and global state's. The
+    model, the KV cache and the static buffers are fixed for the runner's life, and per-tensor guards also
+    compare how each input was made (dispatch keys), which differed between the compiling child and the server."""
+    return [g.guard_type in ("SHAPE_ENV", "GLOBAL_STATE") for g in guard_entries]
 
 
 def _unguarded(step):
