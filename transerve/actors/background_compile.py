@@ -52,6 +52,7 @@ class BackgroundCompile:
         if loaded := self.graphs.load_saved():
             log.info("loaded the compiled decode steps for batch sizes %s in %.1f s", _sizes(loaded), time.perf_counter() - start)
         if not self.graphs.missing():
+            log.info("decode steps of up to %d sequences run compiled", max(self.graphs.buckets))
             return
         log.info("compiling the decode steps for batch sizes %s in a background process (minutes the first time; "
                  "saved under %s); until each is ready, those steps run eagerly", _sizes(self.graphs.missing()),
