@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of shared prompt prefixes")
     serve.add_argument("--enforce-eager", action="store_true",
                        help="run decode steps eagerly: no CUDA graphs on CUDA; on CPU, no compiled decode steps (by "
-                            "default they compile in the background while steps run eagerly, cached under "
-                            "~/.cache/transerve/inductor)")
+                            "default a background process compiles them while steps run eagerly, saved under "
+                            "~/.cache/transerve/decode-steps for later starts)")
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="split MODEL over this many GPUs of this box (cuda:0..N-1), or CPU processes with "
                             "--device cpu (default: 1)")

@@ -36,7 +36,7 @@ class ModelRunner:
         text_config = model.config.get_text_config()
         num_kv_heads, head_dim = kv_shape(text_config)
         self.kv_dtype = kv_cache_dtype(config, self.dtype, self.device)
-        # Compiled CPU steps compile (on a background thread) over one more block than requests get.
+        # Compiled CPU decode steps: a compile's dummy step writes one more block than requests get.
         self.compiles_decode = (self.device.type == "cpu" and not config.enforce_eager
                                 and not is_vision_language(model.config))
         shape = (num_kv_blocks + self.compiles_decode, self.block_size, num_kv_heads, head_dim)
@@ -49,7 +49,7 @@ class ModelRunner:
         self.multimodal = MultimodalRunner(model) if is_vision_language(model.config) else None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = self._capture_decode_graphs(text_config, num_kv_heads, head_dim)
-        elif self.compiles_decode:  # nothing compiles until compile_decode_steps (the server calls it in the background)
+        elif self.compiles_decode:  # steps run eagerly until load_saved / compile_buckets (actors/background_compile.py)
             self.graphs = CompiledDecode(model, self.kv_caches, max_num_seqs=config.scheduler.max_num_seqs,
                                          max_blocks_per_seq=self.max_blocks_per_seq, block_size=self.block_size,
                                          scratch_block=num_kv_blocks)
