@@ -125,7 +125,7 @@ class LiveServer:
     unless `compile_decode`: a background compile per model would take the suite's CPU (tests/test_compiled_step.py
     checks the compiled steps and a server that compiles them)."""
 
-    def __init__(self, *args: str, timeout: float = 240.0, compile_decode: bool = False) -> None:
+    def __init__(self, *args: str, timeout: float = 240.0, compile_decode: bool = False, env: dict | None = None) -> None:
         args = args if compile_decode else (*args, "--enforce-eager")
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -134,7 +134,7 @@ class LiveServer:
         self.log = open(log_path, "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "transerve.cli.main", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
