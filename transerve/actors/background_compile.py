@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 
+from transerve.config import EngineConfig
 from transerve.engine.compiled_step import CompiledDecode
 from transerve.engine.model_runner import ModelRunner
 
@@ -28,15 +29,15 @@ POLL_S = 1.0
 
 
 class BackgroundCompile:
-    def __init__(self, spec: str, runner: ModelRunner, graphs: CompiledDecode) -> None:
-        self.spec, self.runner, self.graphs = spec, runner, graphs
+    def __init__(self, spec: str, config: EngineConfig, graphs: CompiledDecode) -> None:
+        self.spec, self.config, self.graphs = spec, config, graphs
         self.stopped = threading.Event()
         self.child: subprocess.Popen | None = None
 
     @classmethod
-    def of(cls, spec: str, runner) -> "BackgroundCompile | None":
+    def of(cls, spec: str, runner: ModelRunner) -> "BackgroundCompile | None":
         graphs = getattr(runner, "graphs", None)  # a tensor-parallel runner has none
-        return cls(spec, runner, graphs) if isinstance(graphs, CompiledDecode) else None
+        return cls(spec, runner.config, graphs) if isinstance(graphs, CompiledDecode) else None
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="transerve-compile", daemon=True).start()
@@ -51,34 +52,39 @@ class BackgroundCompile:
         start = time.perf_counter()
         if loaded := self.graphs.load_saved():
             log.info("loaded the compiled decode steps for batch sizes %s in %.1f s", _sizes(loaded), time.perf_counter() - start)
-        if not self.graphs.missing():
+        exit_status = None
+        if self.graphs.missing() and (exit_status := self._compile_in_child()) is None:
+            return  # stopped
+        if missing := self.graphs.missing():
+            log.warning("compiling the decode steps failed (exit status %s): batch sizes %s run eagerly",
+                        exit_status, _sizes(missing))
+        else:
             log.info("decode steps of up to %d sequences run compiled", max(self.graphs.buckets))
-            return
+
+    def _compile_in_child(self) -> int | None:
+        """Compile the missing buckets in a child process, loading each as it is saved; its exit status, or
+        None when stopped meanwhile."""
         log.info("compiling the decode steps for batch sizes %s in a background process (minutes the first time; "
                  "saved under %s); until each is ready, those steps run eagerly", _sizes(self.graphs.missing()),
                  self.graphs.artifacts)
-        config = self.runner.config
         # The child sizes nothing itself: the same KV blocks, so the same graph.
-        config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, num_kv_blocks=self.graphs.scratch_block))
+        config = dataclasses.replace(self.config, cache=dataclasses.replace(self.config.cache,
+                                                                            num_kv_blocks=self.graphs.scratch_block))
         self.child = child = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE)
         if self.stopped.is_set():  # stopped as it started, before self.child was there to kill
             child.kill()
-            return
+            return None
         try:
             child.stdin.write(pickle.dumps((self.spec, config, self.graphs.artifacts)))
             child.stdin.close()
         except BrokenPipeError:  # killed by stop() meanwhile
-            return
+            return None
         while child.poll() is None:
             if self.stopped.wait(POLL_S):
-                return
+                return None
             self.graphs.load_saved()
         self.graphs.load_saved()
-        if missing := self.graphs.missing():
-            log.warning("compiling the decode steps failed (exit status %s): batch sizes %s run eagerly",
-                        child.returncode, _sizes(missing))
-        else:
-            log.info("decode steps of up to %d sequences run compiled", max(self.graphs.buckets))
+        return child.returncode
 
 
 def _sizes(buckets: list[int]) -> str:

@@ -177,7 +177,7 @@ class CompiledDecode:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         length = self.block_size  # > 1: dynamo specializes context lengths 0 and 1
         for bs in self.missing():
-            # Through run's own buffers: the guards check how each input tensor was made (its dispatch keys).
+            # Through run's own buffers, so the compiled step sees its inputs exactly as run passes them.
             args = self._inputs(bs, [0] * bs, [length - 1] * bs, [self.scratch_block * self.block_size + length - 1] * bs,
                                 np.full((bs, 1), self.scratch_block, dtype=np.int32), [length] * bs)
             torch._dynamo.maybe_mark_dynamic(args[-1], 0)

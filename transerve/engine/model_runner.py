@@ -36,20 +36,19 @@ class ModelRunner:
         text_config = model.config.get_text_config()
         num_kv_heads, head_dim = kv_shape(text_config)
         self.kv_dtype = kv_cache_dtype(config, self.dtype, self.device)
+        # A VLM's image half; None for text models, whose steps stay exactly as they were.
+        self.multimodal = MultimodalRunner(model) if is_vision_language(model.config) else None
         # Compiled CPU decode steps: a compile's dummy step writes one more block than requests get.
-        self.compiles_decode = (self.device.type == "cpu" and not config.enforce_eager
-                                and not is_vision_language(model.config))
-        shape = (num_kv_blocks + self.compiles_decode, self.block_size, num_kv_heads, head_dim)
+        compiles = self.device.type == "cpu" and not config.enforce_eager and self.multimodal is None
+        shape = (num_kv_blocks + compiles, self.block_size, num_kv_heads, head_dim)
         self.kv_caches = allocate_kv_caches(text_config.num_hidden_layers, shape, self.kv_dtype, self.device)
         self.write_kv, self.paged_attention, self.sample = kernels_for(self.device)
         self.requests: dict[str, RequestState] = {}  # what the runner keeps between steps
         self.rows = Rows(self.max_blocks_per_seq, config.scheduler.max_num_seqs)
         self.graphs = None
-        # A VLM's image half; None for text models, whose steps stay exactly as they were.
-        self.multimodal = MultimodalRunner(model) if is_vision_language(model.config) else None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = self._capture_decode_graphs(text_config, num_kv_heads, head_dim)
-        elif self.compiles_decode:  # steps run eagerly until load_saved / compile_buckets (actors/background_compile.py)
+        elif compiles:  # steps run eagerly until load_saved / compile_buckets (actors/background_compile.py)
             self.graphs = CompiledDecode(model, self.kv_caches, max_num_seqs=config.scheduler.max_num_seqs,
                                          max_blocks_per_seq=self.max_blocks_per_seq, block_size=self.block_size,
                                          scratch_block=num_kv_blocks)
