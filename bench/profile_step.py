@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transerve.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from transerve.engine.core import EngineCore  # noqa: E402
-from transerve.engine import model_runner, models  # noqa: E402
+from transerve.engine import compiled_step, model_runner, models  # noqa: E402
 from transerve.engine.models import load_model  # noqa: E402
 from transerve.engine.model_runner import ModelRunner  # noqa: E402
 from transerve.engine.request import Request, SamplingParams  # noqa: E402
@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--compiled", action="store_true", help="the compiled decode step (engine/compiled_step.py)")
+    parser.add_argument("--max-compiled-batch", type=int, default=compiled_step.MAX_COMPILED_BATCH,
+                        help="the largest compiled bucket (with --compiled)")
     parser.add_argument("--quantization", default="none", choices=["none", "gguf", "int8"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--kernel-profile", action="store_true",
@@ -73,6 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.kernel_profile:
         torch._inductor.config.cpp.enable_kernel_profile = True
+    compiled_step.MAX_COMPILED_BATCH = args.max_compiled_batch
     device = torch.device("cpu")
     torch.set_num_threads(args.threads)
     path = models.materialize(models.resolve(args.model))

@@ -47,7 +47,7 @@ def random_blocks(n: int, k: int) -> tuple[str, torch.Tensor]:
 
 def prepare(route: str, fmt: str, raw: torch.Tensor):
     """Per-weight state for a route, and the float32 weight it should equal (the oracle)."""
-    blocks = bk.widen(raw, fmt)
+    blocks = bk.regroup(raw, fmt)
     w = bk.block_dequantize_ref(blocks)
     if route == "f32":
         return w, w
@@ -64,9 +64,9 @@ def prepare(route: str, fmt: str, raw: torch.Tensor):
         return (qi, row_scale), qi.float() * row_scale[:, None]
     if fmt != "Q4_1":
         return None, w  # int4pack: no Q8_0
-    qs = blocks[..., 8:]
+    qs = raw[..., 4:]  # the file's Q4_1 blocks: float16 d, m, 16 bytes of nibbles
     nib = torch.cat([qs & 15, qs >> 4], -1).view(w.shape).to(torch.int32)
-    d, m = blocks[..., 0:4].contiguous().view(torch.float32)[..., 0], blocks[..., 4:8].contiguous().view(torch.float32)[..., 0]
+    d, m = (raw[..., i:i + 2].contiguous().view(torch.float16)[..., 0].float() for i in (0, 2))
     # torch's int4 dequantizes (q - 8) * scale + zero; Q4_1 is d * q + m, so zero = m + 8d.
     sz = torch.stack([d, m + 8 * d], -1).transpose(0, 1).contiguous()
     return (torch._convert_weight_to_int4pack_for_cpu(nib, 1), sz), w

@@ -59,7 +59,7 @@ def test_the_cpp_kernels_are_built_here_and_match_their_torch_reference():
     assert block_kernels.available()
     weight = np.random.default_rng(2).standard_normal((72, 128)).astype(np.float32)
     for fmt in FORMATS:
-        blocks = block_kernels.widen(torch.from_numpy(gguf_rows(fmt, weight)).view(72, 4, -1), fmt)
+        blocks = block_kernels.regroup(torch.from_numpy(gguf_rows(fmt, weight)).view(72, 4, -1), fmt)
         x = torch.randn(5, 128)
         assert torch.equal(block_kernels.block_dequantize(blocks), block_kernels.block_dequantize_ref(blocks))
         expected = block_kernels.block_linear_ref(x, blocks)
@@ -74,7 +74,7 @@ from transerve.engine import block_kernels
 assert block_kernels.available()
 weight = np.random.default_rng(4).standard_normal((136, 96)).astype(np.float32)
 for fmt in ("Q4_0", "Q4_1", "Q8_0"):
-    blocks = block_kernels.widen(torch.from_numpy(quantize(weight, GGMLQuantizationType[fmt])).view(136, 3, -1), fmt)
+    blocks = block_kernels.regroup(torch.from_numpy(quantize(weight, GGMLQuantizationType[fmt])).view(136, 3, -1), fmt)
     for rows in (1, 3, 6, 11):
         x = torch.randn(rows, 96)
         expected = block_kernels.block_linear_ref(x, blocks)

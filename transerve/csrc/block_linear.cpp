@@ -1,8 +1,8 @@
 // Linears over GGUF's block-quantized weights on CPU, dequantization fused into the product.
 //
-// The weights are a GGUF tensor's Q4_0, Q4_1 or Q8_0 blocks with their scales widened to float32
-// (block_formats.h). Activations stay float32, so the product is float32's with the file's exact weights,
-// up to summation order: per block and row, y += d * (q . x) + m * sum(x), the sums of x taken once per call.
+// The weights are a GGUF tensor's Q4_0, Q4_1 or Q8_0 blocks, each output row's scales in front of its values
+// (block_formats.h). Activations stay float32 and each weight is dequantized exactly, so the product is
+// float32's with the file's own weights, up to summation order.
 // This file: the AVX2 build of the loop (block_linear_kernel.h), dequantization, and the torch ops, which
 // take the AVX-512 build (block_linear_avx512.cpp) where the CPU has it. Built at first use by
 // transerve/engine/block_kernels.py, which holds the torch reference of both ops.
@@ -22,7 +22,7 @@ namespace avx2 {
 
 struct Vec {
   using T = __m256;
-  static constexpr int LANES = 8, PER_BLOCK = 4;
+  static constexpr int LANES = 8, PER_BLOCK = 4, MAX_SUMS = 8;  // of 16 registers
   static T zero() { return _mm256_setzero_ps(); }
   static T broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static T loadu(const float* p) { return _mm256_loadu_ps(p); }
@@ -60,9 +60,9 @@ struct Vec {
 
 Layout layout_of(const at::Tensor& weight) {
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 3 && weight.is_contiguous() &&
-                  (weight.size(2) == 24 || weight.size(2) == 36),
-              "weight: contiguous uint8 [out, in/32, 24 (4-bit) or 36 (8-bit)]");
-  return weight.size(2) == 24 ? Layout::NIBBLES : Layout::BYTES;
+                  (weight.size(2) == 20 || weight.size(2) == 34) && weight.size(1) <= 1024,
+              "weight: contiguous uint8 [out, in/32 (at most 1024), 20 (4-bit) or 34 (8-bit)]");
+  return weight.size(2) == 20 ? Layout::NIBBLES : Layout::BYTES;
 }
 
 // x float32 [rows, in] times the weight's blocks [out, in/32, block bytes] -> float32 [rows, out].
@@ -74,25 +74,17 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& weight) {
   at::Tensor y = at::empty({rows, n_out}, x.options());
   if (rows == 0 || n_out == 0) return y;
   const float* xp = x.data_ptr<float>();
-  std::vector<float> x_sums(rows <= FUSED_ROWS ? rows * groups : 0);  // each block's sum of x, for the minimums
-  for (int64_t i = 0; i < static_cast<int64_t>(x_sums.size()); ++i) {
-    const float* xb = xp + i * BLOCK;
-    x_sums[i] = avx2::Vec::hsum(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
-                                              _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24))));
-  }
   const uint8_t* wp = weight.data_ptr<uint8_t>();
-  const float* sp = x_sums.data();
   float* yp = y.data_ptr<float>();
   // TRANSERVE_CPU_ISA=avx2 keeps the AVX2 build on an AVX-512 CPU (tests check both builds on one machine).
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              !(std::getenv("TRANSERVE_CPU_ISA") && std::string(std::getenv("TRANSERVE_CPU_ISA")) == "avx2");
   // Output rows split across threads; a grain of 64 keeps a small linear on one thread.
   at::parallel_for(0, n_out, 64, [&](int64_t n0, int64_t n1) {
-    std::vector<float> w(rows > FUSED_ROWS ? 2 * k : 0);  // two dequantized weight rows, for many rows of x
     if (avx512)
-      linear_rows_avx512(l, xp, rows, k, wp, sp, n0, n1, yp, n_out, w.data());
+      linear_rows_avx512(l, xp, rows, k, wp, n0, n1, yp, n_out);
     else
-      avx2::linear_rows_any(l, xp, rows, k, wp, sp, n0, n1, yp, n_out, w.data());
+      avx2::linear_rows_any(l, xp, rows, k, wp, n0, n1, yp, n_out);
   });
   return y;
 }

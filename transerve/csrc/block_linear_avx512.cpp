@@ -1,6 +1,6 @@
 // The AVX-512 build of block_linear_kernel.h: 16 floats a register, half the conversions and products of AVX2.
 // Only called where the CPU has AVX-512 F and BW (block_linear.cpp checks at run time).
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
 #include <immintrin.h>
 
 #include "block_formats.h"
@@ -10,7 +10,7 @@ namespace avx512 {
 
 struct Vec {
   using T = __m512;
-  static constexpr int LANES = 16, PER_BLOCK = 2;
+  static constexpr int LANES = 16, PER_BLOCK = 2, MAX_SUMS = 16;  // of 32 registers
   static T zero() { return _mm512_setzero_ps(); }
   static T broadcast(const float* p) { return _mm512_set1_ps(*p); }
   static T loadu(const float* p) { return _mm512_loadu_ps(p); }
@@ -37,9 +37,9 @@ struct Vec {
 
 }  // namespace avx512
 
-void linear_rows_avx512(Layout l, const float* x, int64_t rows, int64_t k, const uint8_t* weight, const float* x_sums,
-                        int64_t n0, int64_t n1, float* y, int64_t n_out, float* w) {
-  avx512::linear_rows_any(l, x, rows, k, weight, x_sums, n0, n1, y, n_out, w);
+void linear_rows_avx512(Layout l, const float* x, int64_t rows, int64_t k, const uint8_t* weight, int64_t n0,
+                        int64_t n1, float* y, int64_t n_out) {
+  avx512::linear_rows_any(l, x, rows, k, weight, n0, n1, y, n_out);
 }
 
 }  // namespace transerve_blocks

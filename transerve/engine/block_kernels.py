@@ -1,8 +1,9 @@
 """GGUF's block-quantized linears on CPU: the C++ kernels of transerve/csrc/block_linear.cpp and their torch references.
 
-A weight is a GGUF tensor's Q4_0, Q4_1 or Q8_0 blocks (32 weights each) with the float16 scales widened to
-float32 in front of the values (`widen`; exact): uint8 [out, in/32, 24] for the 4-bit formats (d, m, 16 bytes
-of nibbles; w = d * q + m, Q4_0's m = -8d) and [out, in/32, 36] for Q8_0 (d, 32 int8; w = d * q).
+A weight is a GGUF tensor's Q4_0, Q4_1 or Q8_0 blocks (32 weights each), the file's own bytes regrouped per
+output row: the row's float16 scales first, then its values (`regroup`). uint8 [out, in/32, 20] for the 4-bit
+formats (per block d and m, then 16 bytes of nibbles; w = d * q + m, Q4_0's m = -8d) and [out, in/32, 34] for
+Q8_0 (d, then 32 int8; w = d * q); the last dimension is the bytes a block takes, not the order they lie in.
 `block_linear` multiplies float32 activations by such a weight with dequantization fused (AVX2, or AVX-512
 where the CPU has it); `block_dequantize` gives the float32 weight, bit for bit as the gguf package does.
 The kernels are compiled at first use (torch.utils.cpp_extension, ~20 s; cached in torch's extension
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 
 BLOCK = 32
 FILE_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # as stored in a GGUF
-NIBBLES, BYTES = 24, 36  # widened block sizes
+NIBBLES, BYTES = 20, 34  # block sizes as the kernels take them (Q4_0's are 20: its m is stored too)
+MAX_GROUPS = 1024  # blocks a weight row: the kernels widen a row's scales on the stack
 _SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / name for name in ("block_linear.cpp", "block_linear_avx512.cpp")]
 _loaded: bool | None = None
 
@@ -63,19 +65,25 @@ def _register_fakes() -> None:
         return weight.new_empty(weight.shape[0], weight.shape[1] * BLOCK, dtype=torch.float32)
 
 
-def widen(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
+def regroup(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
     """A GGUF tensor's blocks, uint8 [out, in/32, file block bytes], as the kernels read them."""
     assert blocks.dtype == torch.uint8 and blocks.shape[-1] == FILE_BLOCK_BYTES[fmt], (fmt, blocks.shape)
-    d = blocks[..., 0:2].contiguous().view(torch.float16).float()
+    out, groups, _ = blocks.shape
     if fmt == "Q8_0":
-        return torch.cat([d.view(torch.uint8), blocks[..., 2:]], dim=-1).contiguous()
-    m = blocks[..., 2:4].contiguous().view(torch.float16).float() if fmt == "Q4_1" else -8 * d
-    values = blocks[..., 4:] if fmt == "Q4_1" else blocks[..., 2:]
-    return torch.cat([d.view(torch.uint8), m.view(torch.uint8), values], dim=-1).contiguous()
+        scales, values = blocks[..., 0:2], blocks[..., 2:]
+    elif fmt == "Q4_1":
+        scales, values = blocks[..., 0:4], blocks[..., 4:]
+    else:  # Q4_0: w = d * (q - 8) = d * q + m with m = -8d, exact in float16 (a power-of-two multiple)
+        d = blocks[..., 0:2].contiguous().view(torch.float16)
+        m = (-8 * d.float()).half()
+        assert torch.isfinite(m).all(), "a Q4_0 scale too large for float16 after x8"
+        scales, values = torch.cat([d.view(torch.uint8), m.view(torch.uint8)], dim=-1), blocks[..., 2:]
+    return torch.cat([scales.reshape(out, -1), values.reshape(out, -1)], dim=1).view(out, groups, -1).contiguous()
 
 
 def _check(weight: torch.Tensor) -> None:
     assert weight.dtype == torch.uint8 and weight.dim() == 3 and weight.shape[2] in (NIBBLES, BYTES), weight.shape
+    assert weight.shape[1] <= MAX_GROUPS, f"rows of at most {MAX_GROUPS * BLOCK} inputs, not {weight.shape[1] * BLOCK}"
 
 
 def block_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -100,9 +108,13 @@ def block_linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def block_dequantize_ref(weight: torch.Tensor) -> torch.Tensor:
-    d = weight[..., 0:4].contiguous().view(torch.float32)
-    if weight.shape[-1] == BYTES:
-        return (weight[..., 4:].contiguous().view(torch.int8).float() * d).flatten(1)
-    qs = weight[..., 8:]
-    q = torch.cat([qs & 15, qs >> 4], dim=-1).float()
-    return (d * q + weight[..., 4:8].contiguous().view(torch.float32)).flatten(1)
+    out, groups, block_bytes = weight.shape
+    scales_per_block = 2 if block_bytes == NIBBLES else 1
+    rows = weight.reshape(out, -1)
+    scales = rows[:, : groups * 2 * scales_per_block].contiguous().view(torch.float16).float().view(out, groups, scales_per_block)
+    values = rows[:, groups * 2 * scales_per_block:].reshape(out, groups, -1)
+    d = scales[..., 0:1]
+    if block_bytes == BYTES:
+        return (values.contiguous().view(torch.int8).float() * d).flatten(1)
+    q = torch.cat([values & 15, values >> 4], dim=-1).float()
+    return (d * q + scales[..., 1:2]).flatten(1)

@@ -41,9 +41,10 @@ from transerve.engine.cuda_graphs import DEFAULT_BUCKETS, bucket_sizes
 log = logging.getLogger(__name__)
 
 # Compiling pays for small batches only. Measured on a 2-core AVX2 EPYC (SmolLM2-135M, float32, one
-# thread, shared box): batch 1 61 ms compiled vs 75 ms eager a step; batch 32 440 ms vs 330 ms, where
-# the compiled K/V gather is slower than the eager index_select. Larger batches run eagerly.
-MAX_COMPILED_BATCH = 4
+# thread, shared box): batch 32 440 ms compiled vs 330 ms eager, where the compiled K/V gather is slower than
+# the eager index_select. With its GGUF's weights on a 2-core Xeon (bench/profile_step.py --batch 8
+# --quantization gguf): batch 8 49 ms compiled vs 77 ms eager. Larger batches run eagerly.
+MAX_COMPILED_BATCH = 8
 
 
 def inductor_cache_dir() -> Path:
@@ -120,10 +121,10 @@ class CompiledDecode:
     no bucket: they run eagerly."""
 
     def __init__(self, model, kv_caches, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
-                 scratch_block: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, max_batch: int = MAX_COMPILED_BATCH,
+                 scratch_block: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, max_batch: int | None = None,
                  artifacts: Path | None = None) -> None:
         self.model, self.kv_caches, self.block_size, self.scratch_block = model, kv_caches, block_size, scratch_block
-        self.buckets = [b for b in bucket_sizes(buckets, max_num_seqs) if b <= max_batch]
+        self.buckets = [b for b in bucket_sizes(buckets, max_num_seqs) if b <= (max_batch or MAX_COMPILED_BATCH)]
         self.artifacts = artifacts or artifacts_dir(model, kv_caches, max_blocks_per_seq, self.buckets)
         n = max(self.buckets, default=1)
         self.input_ids = torch.zeros(n, dtype=torch.int64)

@@ -1,6 +1,6 @@
 """Linears that keep GGUF block-quantized weights (Q4_0, Q4_1, Q8_0) on CPU, as the file's own bytes.
 
-A GGUF's tensors are kept as the file's blocks (engine/gguf_weights.py; scales widened to float32); a float
+A GGUF's tensors are kept as the file's blocks (engine/gguf_weights.py; regrouped per row, as many bytes); a float
 model's linears become Q8_0 blocks with `--quantization int8` (llama.cpp's own rounding, through the gguf
 package). Up to FUSED_MAX_ROWS rows (decode steps) the C++ kernel multiplies float32 activations by the blocks
 with dequantization fused (engine/block_kernels.py): a single sequence streams ~6-bit weights instead of
@@ -15,23 +15,23 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize
 
-from transerve.engine.block_kernels import BLOCK, FILE_BLOCK_BYTES, block_dequantize, block_linear, widen
+from transerve.engine.block_kernels import BLOCK, FILE_BLOCK_BYTES, block_dequantize, block_linear, regroup
 
 # All of SmolLM2-135M's linears, 2-core Xeon with AVX-512 (bench/quant_bench.py --stack): the C++ kernel
-# 14 ms at 1 row, 35 at 8, 72 at 16, 144 at 32; dequantize + GEMM 70, 121, 111, 130 ms (they cross near 32).
+# 13 ms at 1 row, 29-32 at 8, 61-64 at 16, 135 at 32; dequantize + GEMM 133 ms at 32, 291 at 128 (they cross near 32).
 FUSED_MAX_ROWS = 32
 
 
 class QuantizedLinear(torch.nn.Module):
     """y = x W^T + b with W a GGUF tensor's blocks of format `fmt`, uint8 [out, in/32, file block bytes]
-    (kept widened for the kernels: block_kernels.widen)."""
+    (regrouped for the kernels: block_kernels.regroup)."""
 
     def __init__(self, fmt: str, blocks: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.fmt = fmt
         self.out_features, groups, _ = blocks.shape
         self.in_features = groups * BLOCK
-        self.register_buffer("blocks", widen(blocks, fmt))
+        self.register_buffer("blocks", regroup(blocks, fmt))
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
 
     @classmethod
