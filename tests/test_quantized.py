@@ -79,6 +79,8 @@ for fmt in ("Q4_0", "Q4_1", "Q8_0"):
         x = torch.randn(rows, 96)
         expected = block_kernels.block_linear_ref(x, blocks)
         torch.testing.assert_close(block_kernels.block_linear(x, blocks), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        alone = torch.cat([block_kernels.block_linear(x[i:i + 1], blocks) for i in range(rows)])
+        assert torch.equal(block_kernels.block_linear(x, blocks), alone), "a row's result depends on its batch"
 print("avx2 build ok")
 """
 

@@ -22,7 +22,7 @@ namespace avx2 {
 
 struct Vec {
   using T = __m256;
-  static constexpr int LANES = 8, PER_BLOCK = 4, MAX_SUMS = 8;  // of 16 registers
+  static constexpr int LANES = 8, PER_BLOCK = 4, MAX_ROWS = 4;  // 8 sums of 16 registers
   static T zero() { return _mm256_setzero_ps(); }
   static T broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static T loadu(const float* p) { return _mm256_loadu_ps(p); }

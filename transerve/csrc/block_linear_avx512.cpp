@@ -10,7 +10,7 @@ namespace avx512 {
 
 struct Vec {
   using T = __m512;
-  static constexpr int LANES = 16, PER_BLOCK = 2, MAX_SUMS = 16;  // of 32 registers
+  static constexpr int LANES = 16, PER_BLOCK = 2, MAX_ROWS = 8;  // 16 sums of 32 registers
   static T zero() { return _mm512_setzero_ps(); }
   static T broadcast(const float* p) { return _mm512_set1_ps(*p); }
   static T loadu(const float* p) { return _mm512_loadu_ps(p); }

@@ -1,7 +1,7 @@
 // The fused block-linear loop, written once over a vector ISA. Each ISA's translation unit includes this
 // inside its own namespace (so the two builds never merge at link time), after defining `Vec`: LANES floats
-// per register, PER_BLOCK = 32 / LANES registers per block, MAX_SUMS accumulators that fit beside a block's
-// registers, its zero/broadcast/loadu/storeu/add/mul/fmadd/hsum, and load_block<L> (a block's 32 values q as
+// per register, PER_BLOCK = 32 / LANES registers per block, MAX_ROWS rows of x a pass (two sums each beside a
+// block's registers), its zero/broadcast/loadu/storeu/add/mul/fmadd/hsum, and load_block<L> (a block's 32 values q as
 // floats, from their first byte, in element order).
 // Per weight row: its scales widened to float32 once; per block, the 32 weights dequantized in registers once
 // (w = fma(q, d, m)) and multiplied into up to 8 rows of x.
@@ -30,43 +30,29 @@ inline __attribute__((always_inline)) void dequantize_block(const uint8_t* value
 }
 
 // y[r * n_out] = w . x[r] for ROWS rows of x and one weight row (its values and widened scales). Each row of x
-// keeps U * A sums (A divides PER_BLOCK; U blocks a step): enough independent chains to hide the FMA's latency
-// (one or two rows would otherwise wait on it), few enough to stay in registers.
+// keeps two sums (a block's even and odd registers): two chains hide some of the FMA's latency, and the order of
+// the sums is the same in every pass, so a row's result never depends on how many rows share its pass.
 template <Layout L, int ROWS>
 void dot_rows(const float* x, int64_t k, const uint8_t* values, const float* scales, float* y, int64_t n_out) {
-  constexpr int A = ROWS * Vec::PER_BLOCK <= Vec::MAX_SUMS ? Vec::PER_BLOCK
-                    : ROWS * Vec::PER_BLOCK <= 2 * Vec::MAX_SUMS ? Vec::PER_BLOCK / 2 : 1;
-  constexpr int U = ROWS <= 2 ? 2 : 1;
-  typename Vec::T acc[U][ROWS][A];
-  for (int u = 0; u < U; ++u)
-    for (int r = 0; r < ROWS; ++r)
-      for (int a = 0; a < A; ++a) acc[u][r][a] = Vec::zero();
-  auto add_block = [&](int64_t g, typename Vec::T (&sums)[ROWS][A]) __attribute__((always_inline)) {
+  typename Vec::T acc[ROWS][2];
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = Vec::zero();
+  const int64_t groups = k / BLOCK;
+  for (int64_t g = 0; g < groups; ++g) {
+    // The weights stream from memory once per step: fetching ahead measured 20-30% faster than the hardware
+    // prefetcher alone.
+    _mm_prefetch(reinterpret_cast<const char*>(values + g * value_bytes(L)) + 1024, _MM_HINT_T0);
     typename Vec::T w[Vec::PER_BLOCK];
     dequantize_block<L>(values, scales, g, w);
     for (int r = 0; r < ROWS; ++r) {
       const float* xb = x + r * k + g * BLOCK;
-      for (int j = 0; j < Vec::PER_BLOCK; ++j) sums[r][j % A] = Vec::fmadd(w[j], Vec::loadu(xb + j * Vec::LANES), sums[r][j % A]);
+      for (int j = 0; j < Vec::PER_BLOCK; ++j) acc[r][j % 2] = Vec::fmadd(w[j], Vec::loadu(xb + j * Vec::LANES), acc[r][j % 2]);
     }
-  };
-  const int64_t groups = k / BLOCK;
-  int64_t g = 0;
-  for (; g + U <= groups; g += U) {
-    // The weights stream from memory once per step: fetching ahead measured 20-30% faster than the hardware
-    // prefetcher alone.
-    _mm_prefetch(reinterpret_cast<const char*>(values + g * value_bytes(L)) + 1024, _MM_HINT_T0);
-    for (int u = 0; u < U; ++u) add_block(g + u, acc[u]);
   }
-  if (g < groups) add_block(g, acc[0]);
-  for (int r = 0; r < ROWS; ++r) {
-    typename Vec::T sum = acc[0][r][0];
-    for (int u = 0; u < U; ++u)
-      for (int a = (u == 0 ? 1 : 0); a < A; ++a) sum = Vec::add(sum, acc[u][r][a]);
-    y[r * n_out] = Vec::hsum(sum);
-  }
+  for (int r = 0; r < ROWS; ++r) y[r * n_out] = Vec::hsum(Vec::add(acc[r][0], acc[r][1]));
 }
 
-// y[:, n0:n1]: per weight row, passes of 8, 4, 2 and 1 rows of x (the weight row stays in L1 between them).
+// y[:, n0:n1]: per weight row, passes of MAX_ROWS (8 with AVX-512's 32 registers, 4 with AVX2's 16), 4, 2 and 1
+// rows of x (the weight row stays in L1 between them).
 template <Layout L>
 void linear_rows(const float* x, int64_t rows, int64_t k, const uint8_t* weight, int64_t n0, int64_t n1, float* y,
                  int64_t n_out) {
@@ -80,8 +66,8 @@ void linear_rows(const float* x, int64_t rows, int64_t k, const uint8_t* weight,
       const int64_t left = rows - r;
       const float* xr = x + r * k;
       float* yr = y + r * n_out + n;
-      if (left >= 8) {
-        dot_rows<L, 8>(xr, k, values, scales, yr, n_out), r += 8;
+      if (Vec::MAX_ROWS >= 8 && left >= 8) {
+        dot_rows<L, Vec::MAX_ROWS>(xr, k, values, scales, yr, n_out), r += Vec::MAX_ROWS;
       } else if (left >= 4) {
         dot_rows<L, 4>(xr, k, values, scales, yr, n_out), r += 4;
       } else if (left >= 2) {
