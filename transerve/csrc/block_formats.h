@@ -19,6 +19,7 @@ enum class Layout { NIBBLES = 4, BYTES = 8 };
 constexpr int64_t block_bytes(Layout l) { return l == Layout::NIBBLES ? 20 : 34; }
 constexpr int64_t scale_count(Layout l) { return l == Layout::NIBBLES ? 2 : 1; }  // float16 scales a block
 constexpr int64_t value_bytes(Layout l) { return block_bytes(l) - 2 * scale_count(l); }
+constexpr int64_t MAX_GROUPS = 1024;  // blocks a weight row (32768 inputs): a row's scales are widened on the stack
 // y[rows, n0:n1] of x [rows, k] times the weight. The AVX-512 build (block_linear_avx512.cpp).
 void linear_rows_avx512(Layout l, const float* x, int64_t rows, int64_t k, const uint8_t* weight, int64_t n0,
                         int64_t n1, float* y, int64_t n_out);

@@ -60,7 +60,7 @@ struct Vec {
 
 Layout layout_of(const at::Tensor& weight) {
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 3 && weight.is_contiguous() &&
-                  (weight.size(2) == 20 || weight.size(2) == 34) && weight.size(1) <= 1024,
+                  (weight.size(2) == 20 || weight.size(2) == 34) && weight.size(1) <= MAX_GROUPS,
               "weight: contiguous uint8 [out, in/32 (at most 1024), 20 (4-bit) or 34 (8-bit)]");
   return weight.size(2) == 20 ? Layout::NIBBLES : Layout::BYTES;
 }

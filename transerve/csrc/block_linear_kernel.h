@@ -4,7 +4,7 @@
 // block's registers), its zero/broadcast/loadu/storeu/add/mul/fmadd/hsum, and load_block<L> (a block's 32 values q as
 // floats, from their first byte, in element order).
 // Per weight row: its scales widened to float32 once; per block, the 32 weights dequantized in registers once
-// (w = fma(q, d, m)) and multiplied into up to 8 rows of x.
+// (w = fma(q, d, m)) and multiplied into up to MAX_ROWS rows of x.
 
 // The row's float16 scales as float32 (`count` of them).
 inline void widen_scales(const uint8_t* row, int64_t count, float* out) {
@@ -13,6 +13,14 @@ inline void widen_scales(const uint8_t* row, int64_t count, float* out) {
   for (; i + 8 <= count; i += 8)
     _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(half + i))));
   for (; i < count; ++i) out[i] = _cvtsh_ss(half[i]);
+}
+
+// Weight row n's values, its float16 scales widened into `scales` (2 * MAX_GROUPS floats).
+template <Layout L>
+inline const uint8_t* row_values(const uint8_t* weight, int64_t n, int64_t groups, float* scales) {
+  const uint8_t* row = weight + n * groups * block_bytes(L);
+  widen_scales(row, groups * scale_count(L), scales);
+  return row + groups * 2 * scale_count(L);
 }
 
 // Block g's 32 weights, dequantized, in w.
@@ -57,16 +65,14 @@ template <Layout L>
 void linear_rows(const float* x, int64_t rows, int64_t k, const uint8_t* weight, int64_t n0, int64_t n1, float* y,
                  int64_t n_out) {
   const int64_t groups = k / BLOCK;
-  float scales[2 * 1024];  // a row's widened scales: up to 32768 inputs
+  float scales[2 * MAX_GROUPS];
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = weight + n * groups * block_bytes(L);
-    widen_scales(row, groups * scale_count(L), scales);
-    const uint8_t* values = row + groups * 2 * scale_count(L);
+    const uint8_t* values = row_values<L>(weight, n, groups, scales);
     for (int64_t r = 0; r < rows;) {
       const int64_t left = rows - r;
       const float* xr = x + r * k;
       float* yr = y + r * n_out + n;
-      if (Vec::MAX_ROWS >= 8 && left >= 8) {
+      if (left >= Vec::MAX_ROWS) {
         dot_rows<L, Vec::MAX_ROWS>(xr, k, values, scales, yr, n_out), r += Vec::MAX_ROWS;
       } else if (left >= 4) {
         dot_rows<L, 4>(xr, k, values, scales, yr, n_out), r += 4;
@@ -83,10 +89,8 @@ void linear_rows(const float* x, int64_t rows, int64_t k, const uint8_t* weight,
 template <Layout L>
 inline void dequantize_row(const uint8_t* weight, int64_t n, int64_t k, float* w) {
   const int64_t groups = k / BLOCK;
-  const uint8_t* row = weight + n * groups * block_bytes(L);
-  float scales[2 * 1024];
-  widen_scales(row, groups * scale_count(L), scales);
-  const uint8_t* values = row + groups * 2 * scale_count(L);
+  float scales[2 * MAX_GROUPS];
+  const uint8_t* values = row_values<L>(weight, n, groups, scales);
   for (int64_t g = 0; g < groups; ++g) {
     typename Vec::T v[Vec::PER_BLOCK];
     dequantize_block<L>(values, scales, g, v);

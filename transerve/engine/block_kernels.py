@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 BLOCK = 32
 FILE_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # as stored in a GGUF
 NIBBLES, BYTES = 20, 34  # block sizes as the kernels take them (Q4_0's are 20: its m is stored too)
-MAX_GROUPS = 1024  # blocks a weight row: the kernels widen a row's scales on the stack
+MAX_GROUPS = 1024  # blocks a weight row, as csrc/block_formats.h's MAX_GROUPS
 _SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / name for name in ("block_linear.cpp", "block_linear_avx512.cpp")]
 _loaded: bool | None = None
 
