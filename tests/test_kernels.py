@@ -202,6 +202,35 @@ def test_reference_decodes_equal_dense_attention_per_sequence(num_heads, num_kv_
         torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_reference_prefills_of_similar_sizes_share_a_call_and_equal_dense_attention(sliding_window):
+    """New requests with similar prompts are attended in one padded SDPA call, a long prompt in its own (so it
+    is never padded by the batch); every row must still equal causal SDPA over its own sequence's context."""
+    from transerve.kernels.reference import _prefill_groups
+
+    q_lens, context_lens = [7, 6, 1, 60, 7, 5], [32, 33, 40, 0, 30, 32]  # a decode among them, in the middle
+    chunks = [(i, q, c + q) for i, (q, c) in enumerate(zip(q_lens, context_lens)) if q > 1]
+    assert _prefill_groups(chunks) == [[0, 1, 4, 5], [3]]
+    torch.manual_seed(4)
+    batch = paged_batch(q_lens, context_lens, 6, 2, 64, 16, torch.float32)
+    got = paged_attention_ref(batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
+                              batch.query_start_loc, batch.scale, sliding_window)
+    assert not got.isnan().any()
+    starts = batch.query_start_loc.tolist()
+    for i, (n_q, n) in enumerate(zip(q_lens, batch.seq_lens.tolist())):
+        slots = [int(batch.block_tables[i, p // 16]) * 16 + p % 16 for p in range(n)]
+        keys = batch.k_cache.view(-1, 2, 64)[slots].transpose(0, 1)  # [kv_heads, n, head_dim]
+        values = batch.v_cache.view(-1, 2, 64)[slots].transpose(0, 1)
+        q_pos = torch.arange(n - n_q, n)[:, None]
+        allowed = torch.arange(n)[None, :] <= q_pos
+        if sliding_window:
+            allowed &= torch.arange(n)[None, :] > q_pos - sliding_window
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            batch.query[starts[i]:starts[i + 1]].transpose(0, 1), keys, values, attn_mask=allowed, scale=batch.scale,
+            enable_gqa=True).transpose(0, 1)
+        torch.testing.assert_close(got[starts[i]:starts[i + 1]], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_write_kv_rechecks_padding_when_the_slots_change():
     """write_kv_ref checks slot_mapping for padding (-1) once per step; slots refilled in place with a
     -1 must still skip that token, not write it to slot -1 (the cache's last row)."""

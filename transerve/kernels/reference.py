@@ -92,15 +92,33 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def _build_plan(block_tables, seq_lens, query_start_loc, block_size, sliding_window, heads) -> list[_Group | _Decodes]:
-    """All single-token decodes form one group; each prefill chunk is one more, so padding never
-    multiplies a long prompt by the batch size."""
+    """All single-token decodes form one group; prefill chunks form groups of similar sizes (`_prefill_groups`)."""
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
-    prefills = [[i] for i in range(len(lens)) if starts[i + 1] - starts[i] > 1]
+    prefills = _prefill_groups([(i, starts[i + 1] - starts[i], lens[i]) for i in range(len(lens)) if starts[i + 1] - starts[i] > 1])
     groups = [_group(seqs, starts, lens, block_tables, block_size, sliding_window) for seqs in prefills]
     if decodes:
         groups.insert(0, _decodes(_group(decodes, starts, lens, block_tables, block_size, sliding_window), *heads))
+    return groups
+
+
+def _prefill_groups(chunks: list[tuple[int, int, int]]) -> list[list[int]]:
+    """Prefill chunks (index, query length, context length) in groups that one SDPA call each attends, padded to
+    the group's longest query and context: a group grows while its padded size stays within twice the chunks'
+    own, so 32 new requests of similar prompts are one call, not 32, and a long prompt is never padded by the
+    batch. Each group lists its chunks in step order."""
+    groups: list[list[int]] = []
+    members: list[tuple[int, int, int]] = []
+    for chunk in sorted(chunks, key=lambda c: (c[2], c[1])):
+        grown = members + [chunk]
+        padded = len(grown) * max(q for _, q, _ in grown) * max(ctx for _, _, ctx in grown)
+        if members and padded > 2 * sum(q * ctx for _, q, ctx in grown):
+            groups.append(sorted(i for i, _, _ in members))
+            grown = [chunk]
+        members = grown
+    if members:
+        groups.append(sorted(i for i, _, _ in members))
     return groups
 
 
