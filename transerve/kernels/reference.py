@@ -95,8 +95,9 @@ def _build_plan(block_tables, seq_lens, query_start_loc, block_size, sliding_win
     """All single-token decodes form one group; prefill chunks form groups of similar sizes (`_prefill_groups`)."""
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    decodes = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
-    prefills = _prefill_groups([(i, starts[i + 1] - starts[i], lens[i]) for i in range(len(lens)) if starts[i + 1] - starts[i] > 1])
+    q_lens = [b - a for a, b in zip(starts, starts[1:])]
+    decodes = [i for i, n in enumerate(q_lens) if n == 1]
+    prefills = _prefill_groups([(i, n, lens[i]) for i, n in enumerate(q_lens) if n > 1])
     groups = [_group(seqs, starts, lens, block_tables, block_size, sliding_window) for seqs in prefills]
     if decodes:
         groups.insert(0, _decodes(_group(decodes, starts, lens, block_tables, block_size, sliding_window), *heads))
@@ -109,16 +110,16 @@ def _prefill_groups(chunks: list[tuple[int, int, int]]) -> list[list[int]]:
     own, so 32 new requests of similar prompts are one call, not 32, and a long prompt is never padded by the
     batch. Each group lists its chunks in step order."""
     groups: list[list[int]] = []
-    members: list[tuple[int, int, int]] = []
-    for chunk in sorted(chunks, key=lambda c: (c[2], c[1])):
-        grown = members + [chunk]
-        padded = len(grown) * max(q for _, q, _ in grown) * max(ctx for _, _, ctx in grown)
-        if members and padded > 2 * sum(q * ctx for _, q, ctx in grown):
-            groups.append(sorted(i for i, _, _ in members))
-            grown = [chunk]
-        members = grown
+    members: list[int] = []
+    max_q = max_ctx = cells = 0  # the open group's longest query and context, and its chunks' own size
+    for i, q, ctx in sorted(chunks, key=lambda c: (c[2], c[1])):
+        if members and (len(members) + 1) * max(max_q, q) * max(max_ctx, ctx) > 2 * (cells + q * ctx):
+            groups.append(sorted(members))
+            members, max_q, max_ctx, cells = [], 0, 0, 0
+        members.append(i)
+        max_q, max_ctx, cells = max(max_q, q), max(max_ctx, ctx), cells + q * ctx
     if members:
-        groups.append(sorted(i for i, _, _ in members))
+        groups.append(sorted(members))
     return groups
 
 
