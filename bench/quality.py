@@ -6,9 +6,8 @@
 Each mode loads the model as the server does (engine/quantize.py `quantize_model` over the same weights;
 attention is sdpa here, since no paged batch is needed), then measures:
 - perplexity over the first --tokens tokens of bench/data/opticks.txt (Newton's Opticks, public domain), in
-  one forward, or fed --chunk tokens at a time through the KV cache (decode-sized batches take a quantized
-  GGUF's fused kernel, up to quantized.FUSED_MAX_ROWS rows; one long forward measures the dequantize + GEMM
-  route instead);
+  one forward, or fed --chunk tokens at a time through the KV cache (decode-sized passes, as the server's
+  steps are);
 - greedy agreement with the reference mode (`none`: float32; for a GGUF, the file dequantized to float32)
   over 20 chat prompts of --max-tokens tokens each: the share of positions whose token is the same.
 A mode whose perplexity rises more than 3% over the reference, or that agrees on fewer than 95% of the

@@ -9,7 +9,8 @@ as in a real step; the LM head is one 49152x576 weight (Q8_0, as in SmolLM2's GG
 Routes:
   f32         float32 weights as served (SkinnyLinear's W @ x^T for 2-128 rows, F.linear otherwise)
   blocks      the served quantized path: GGUF blocks through the fused C++ kernel (engine/block_kernels.py)
-  blocks_deq  the same blocks dequantized to float32 by the C++ kernel, then MKL's W @ x^T (long prompts)
+  blocks_deq  the same blocks dequantized to float32 by the C++ kernel, then MKL's W @ x^T (the route
+              long prompts took until the tiled kernel beat it)
   fbgemm      torch.ops.quantized.linear_dynamic, per-channel int8 prepacked for fbgemm (activations
               quantized to uint8 per call; weights re-rounded from the blocks)
   int8pack    torch._weight_int8pack_mm (per-channel int8)

@@ -55,20 +55,20 @@ def test_compiled_decode_over_quantized_weights_gives_the_eager_quantized_tokens
 
 
 def test_a_tokens_result_depends_on_the_rest_of_the_batch_only_by_rounding():
-    """A row alone or among up to FUSED_MAX_ROWS (passes of 8, 4, 2 and 1 rows: the same bits in each), or in a long
-    prompt chunk (dequantize + GEMM), gives the float32 product with the file's weights."""
+    """A row alone or in a batch (passes of 16, 8, 4, 2 and 1 rows: the same bits in each), or in a long prompt
+    chunk, gives the float32 product with the file's weights."""
     torch.manual_seed(0)
     linear = QuantizedLinear.from_rows("Q4_1", quantize(torch.randn(96, 64).numpy(), GGMLQuantizationType.Q4_1), torch.randn(96))
-    x = torch.randn(15, 64)  # passes of 8, 4, 2 and 1
+    x = torch.randn(15, 64)  # passes of 8, 4, 2 and 1 (with 16 more rows: 16, 8, 4, 2, 1)
     with torch.inference_mode():
         alone = torch.cat([linear(x[i:i + 1]) for i in range(15)])
         for rows in (2, 4, 7, 15):
             assert torch.equal(linear(x[:rows]), alone[:rows]), rows
+        assert torch.equal(linear(torch.cat([x, x[:1].expand(16, -1)])), torch.cat([alone, alone[:1].expand(16, -1)]))
         expected = torch.nn.functional.linear(x, linear.dequantized_weight(), linear.bias)
         tolerance = dict(rtol=1e-5, atol=1e-5 * expected.abs().max().item())
         torch.testing.assert_close(alone, expected, **tolerance)
         torch.testing.assert_close(linear(x), expected, **tolerance)
-        torch.testing.assert_close(linear(torch.cat([x] * 3))[:15], expected, **tolerance)  # 45 rows: past FUSED_MAX_ROWS
 
 
 def test_int8_is_refused_on_cuda_with_a_clear_error(tiny_repos):

@@ -1,6 +1,6 @@
 // Linears over GGUF's block-quantized weights on CPU, dequantization fused into the product.
 //
-// The weights are a GGUF tensor's Q4_0, Q4_1 or Q8_0 blocks, each output row's scales in front of its values
+// The weights are a GGUF tensor's Q4_0, Q4_1 or Q8_0 blocks in tiles of 16 output rows
 // (block_formats.h). Activations stay float32 and each weight is dequantized exactly, so the product is
 // float32's with the file's own weights, up to summation order.
 // This file: the AVX2 build of the loop (block_linear_kernel.h), dequantization, and the torch ops, which
@@ -11,7 +11,9 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -22,35 +24,20 @@ namespace avx2 {
 
 struct Vec {
   using T = __m256;
-  static constexpr int LANES = 8, PER_BLOCK = 4, MAX_ROWS = 4;  // 8 sums of 16 registers
+  static constexpr int LANES = 8, MAX_ACC = 8, MAX_ROWS = 4;  // 8 sums of 16 registers
   static T zero() { return _mm256_setzero_ps(); }
   static T broadcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static T loadu(const float* p) { return _mm256_loadu_ps(p); }
   static void storeu(float* p, T v) { _mm256_storeu_ps(p, v); }
-  static T add(T a, T b) { return _mm256_add_ps(a, b); }
   static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
   static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static float hsum(T v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+  static T load_half(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void load_nibbles(const uint8_t* p, T& lo, T& hi) {
+    const __m256i raw = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(raw, _mm256_set1_epi32(15)));
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(raw, 4));
   }
-  template <Layout L>
-  static void load_block(const uint8_t* q, T v[4]) {
-    if constexpr (L == Layout::BYTES) {
-      for (int j = 0; j < 4; ++j)
-        v[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * j))));
-    } else {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-      const __m128i mask = _mm_set1_epi8(0x0F);
-      const __m128i lo = _mm_and_si128(raw, mask);
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-      v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-      v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-      v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-      v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-    }
+  static T load_bytes(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
 };
 
@@ -79,12 +66,12 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& weight) {
   // TRANSERVE_CPU_ISA=avx2 keeps the AVX2 build on an AVX-512 CPU (tests check both builds on one machine).
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              !(std::getenv("TRANSERVE_CPU_ISA") && std::string(std::getenv("TRANSERVE_CPU_ISA")) == "avx2");
-  // Output rows split across threads; a grain of 64 keeps a small linear on one thread.
-  at::parallel_for(0, n_out, 64, [&](int64_t n0, int64_t n1) {
+  // Tiles split across threads; a grain of GROUP_TILES (64 outputs) keeps a small linear on one thread.
+  at::parallel_for(0, (n_out + TILE - 1) / TILE, avx2::GROUP_TILES, [&](int64_t t0, int64_t t1) {
     if (avx512)
-      linear_rows_avx512(l, xp, rows, k, wp, n0, n1, yp, n_out);
+      linear_tiles_avx512(l, xp, rows, k, wp, n_out, t0, t1, yp);
     else
-      avx2::linear_rows_any(l, xp, rows, k, wp, n0, n1, yp, n_out);
+      avx2::linear_tiles_any(l, xp, rows, k, wp, n_out, t0, t1, yp);
   });
   return y;
 }
@@ -98,12 +85,12 @@ at::Tensor block_dequantize(const at::Tensor& weight) {
   const uint8_t* wp = weight.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   const int64_t k = groups * BLOCK;
-  at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
+  at::parallel_for(0, (n_out + TILE - 1) / TILE, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
       if (l == Layout::NIBBLES)
-        avx2::dequantize_row<Layout::NIBBLES>(wp, n, k, op + n * k);
+        avx2::dequantize_tile<Layout::NIBBLES>(wp, n_out, t, k, op + t * TILE * k);
       else
-        avx2::dequantize_row<Layout::BYTES>(wp, n, k, op + n * k);
+        avx2::dequantize_tile<Layout::BYTES>(wp, n_out, t, k, op + t * TILE * k);
     }
   });
   return out;

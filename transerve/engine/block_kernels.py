@@ -1,9 +1,10 @@
 """GGUF's block-quantized linears on CPU: the C++ kernels of transerve/csrc/block_linear.cpp and their torch references.
 
-A weight is a GGUF tensor's Q4_0, Q4_1 or Q8_0 blocks (32 weights each), the file's own bytes regrouped per
-output row: the row's float16 scales first, then its values (`regroup`). uint8 [out, in/32, 20] for the 4-bit
-formats (per block d and m, then 16 bytes of nibbles; w = d * q + m, Q4_0's m = -8d) and [out, in/32, 34] for
-Q8_0 (d, then 32 int8; w = d * q); the last dimension is the bytes a block takes, not the order they lie in.
+A weight is a GGUF tensor's Q4_0, Q4_1 or Q8_0 blocks (32 weights each), the file's own bytes regrouped in tiles of
+16 output rows (`regroup`; csrc/block_formats.h): per block group, the tile's float16 scales (d, and m for the 4-bit
+formats: w = d * q + m, Q4_0's m = -8d), then its values chunk by chunk, one byte of each row's block a chunk. So
+one vector load gives the same input's weight for 16 outputs. Shaped uint8 [out, in/32, 20] for the 4-bit formats
+and [out, in/32, 34] for Q8_0: the dimensions count the bytes, not the order they lie in.
 `block_linear` multiplies float32 activations by such a weight with dequantization fused (AVX2, or AVX-512
 where the CPU has it); `block_dequantize` gives the float32 weight, bit for bit as the gguf package does.
 The kernels are compiled at first use (torch.utils.cpp_extension, ~20 s; cached in torch's extension
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 BLOCK = 32
 FILE_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # as stored in a GGUF
 NIBBLES, BYTES = 20, 34  # block sizes as the kernels take them (Q4_0's are 20: its m is stored too)
+TILE = 16  # output rows a tile, as csrc/block_formats.h's TILE
 MAX_GROUPS = 1024  # blocks a weight row, as csrc/block_formats.h's MAX_GROUPS
 _SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / name for name in ("block_linear.cpp", "block_linear_avx512.cpp")]
 _loaded: bool | None = None
@@ -66,19 +68,31 @@ def _register_fakes() -> None:
 
 
 def regroup(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
-    """A GGUF tensor's blocks, uint8 [out, in/32, file block bytes], as the kernels read them."""
+    """A GGUF tensor's blocks, uint8 [out, in/32, file block bytes], as the kernels read them (in tiles)."""
     assert blocks.dtype == torch.uint8 and blocks.shape[-1] == FILE_BLOCK_BYTES[fmt], (fmt, blocks.shape)
     out, groups, _ = blocks.shape
     if fmt == "Q8_0":
-        scales, values = blocks[..., 0:2], blocks[..., 2:]
+        scales, values = [blocks[..., 0:2]], blocks[..., 2:]
     elif fmt == "Q4_1":
-        scales, values = blocks[..., 0:4], blocks[..., 4:]
+        scales, values = [blocks[..., 0:2], blocks[..., 2:4]], blocks[..., 4:]
     else:  # Q4_0: w = d * (q - 8) = d * q + m with m = -8d, exact in float16 (a power-of-two multiple)
         d = blocks[..., 0:2].contiguous().view(torch.float16)
         m = (-8 * d.float()).half()
         assert torch.isfinite(m).all(), "a Q4_0 scale too large for float16 after x8"
-        scales, values = torch.cat([d.view(torch.uint8), m.view(torch.uint8)], dim=-1), blocks[..., 2:]
-    return torch.cat([scales.reshape(out, -1), values.reshape(out, -1)], dim=1).view(out, groups, -1).contiguous()
+        scales, values = [d.view(torch.uint8), m.view(torch.uint8)], blocks[..., 2:]
+    tiles = []
+    for start, count, width in _tiles(out):
+        rows = slice(start, start + count * width)
+        parts = [s[rows].reshape(count, width, groups, 2).transpose(1, 2).reshape(count, groups, -1) for s in scales]
+        parts.append(values[rows].reshape(count, width, groups, -1).permute(0, 2, 3, 1).reshape(count, groups, -1))
+        tiles.append(torch.cat(parts, dim=-1).flatten())
+    return torch.cat(tiles).view(out, groups, -1)
+
+
+def _tiles(out: int) -> list[tuple[int, int, int]]:
+    """(first row, tiles, rows a tile): the full tiles, then a narrower last one."""
+    full, width = divmod(out, TILE)
+    return [(0, full, TILE)] * bool(full) + [(full * TILE, 1, width)] * bool(width)
 
 
 def _check(weight: torch.Tensor) -> None:
@@ -109,12 +123,15 @@ def block_linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def block_dequantize_ref(weight: torch.Tensor) -> torch.Tensor:
     out, groups, block_bytes = weight.shape
-    scales_per_block = 2 if block_bytes == NIBBLES else 1
-    rows = weight.reshape(out, -1)
-    scales = rows[:, : groups * 2 * scales_per_block].contiguous().view(torch.float16).float().view(out, groups, scales_per_block)
-    values = rows[:, groups * 2 * scales_per_block:].reshape(out, groups, -1)
-    d = scales[..., 0:1]
-    if block_bytes == BYTES:
-        return (values.contiguous().view(torch.int8).float() * d).flatten(1)
-    q = torch.cat([values & 15, values >> 4], dim=-1).float()
-    return (d * q + scales[..., 1:2]).flatten(1)
+    scale_count = 2 if block_bytes == NIBBLES else 1
+    stored, parts = weight.reshape(-1), []
+    for start, count, width in _tiles(out):
+        tiles = stored[start * groups * block_bytes:(start + count * width) * groups * block_bytes].view(count, groups, -1)
+        scales = tiles[..., :2 * width * scale_count].contiguous().view(torch.float16).float().view(count, groups, scale_count, 1, width)
+        values = tiles[..., 2 * width * scale_count:].reshape(count, groups, -1, width)  # [tile, group, chunk, row]
+        if block_bytes == BYTES:
+            w = values.contiguous().view(torch.int8).float() * scales[:, :, 0]
+        else:
+            w = scales[:, :, 0] * torch.cat([values & 15, values >> 4], dim=2).float() + scales[:, :, 1]
+        parts.append(w.permute(0, 3, 1, 2).reshape(count * width, groups * BLOCK))
+    return torch.cat(parts)

@@ -2,10 +2,9 @@
 
 A GGUF's tensors are kept as the file's blocks (engine/gguf_weights.py; regrouped per row, as many bytes); a float
 model's linears become Q8_0 blocks with `--quantization int8` (llama.cpp's own rounding, through the gguf
-package). Up to FUSED_MAX_ROWS rows (decode steps) the C++ kernel multiplies float32 activations by the blocks
-with dequantization fused (engine/block_kernels.py): a single sequence streams ~6-bit weights instead of
-float32 ones. Longer prompt chunks are bound by arithmetic: the weight is dequantized to a transient float32
-copy and multiplied by MKL's GEMM.
+package). The C++ kernel multiplies float32 activations by the blocks with dequantization fused
+(engine/block_kernels.py): a single sequence streams ~5-bit weights instead of float32 ones, and a batch or a
+prompt chunk dequantizes each weight once per 16 rows, in registers.
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ from gguf.quants import quantize
 from transerve.engine.block_kernels import BLOCK, FILE_BLOCK_BYTES, block_dequantize, block_linear, regroup
 
 # All of SmolLM2-135M's linears, 2-core Xeon with AVX-512 (bench/quant_bench.py --stack): the C++ kernel
-# 13 ms at 1 row, 29-32 at 8, 61-64 at 16, 135 at 32; dequantize + GEMM 133 ms at 32, 291 at 128 (they cross near 32).
-FUSED_MAX_ROWS = 32
+# 7-9 ms at 1 row, 46 at 32, 176 at 128, 394 at 256; dequantized to float32 and MKL's GEMM 354 at 128, 561 at 256
+# (float32 weights themselves 265, 504): the fused kernel serves every size.
 
 
 class QuantizedLinear(torch.nn.Module):
@@ -44,11 +43,7 @@ class QuantizedLinear(torch.nn.Module):
         return block_dequantize(self.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= FUSED_MAX_ROWS:
-            out = block_linear(flat, self.blocks)
-        else:  # `W @ x^T`: MKL is faster that way round for skinny x (engine/cpu_linear.py)
-            out = torch.mm(self.dequantized_weight(), flat.t()).t()
+        out = block_linear(x.reshape(-1, self.in_features), self.blocks)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
