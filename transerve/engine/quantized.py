@@ -1,6 +1,6 @@
 """Linears that keep GGUF block-quantized weights (Q4_0, Q4_1, Q8_0) on CPU, as the file's own bytes.
 
-A GGUF's tensors are kept as the file's blocks (engine/gguf_weights.py; regrouped per row, as many bytes); a float
+A GGUF's tensors are kept as the file's blocks (engine/gguf_weights.py; regrouped in tiles of 16 rows, as many bytes); a float
 model's linears become Q8_0 blocks with `--quantization int8` (llama.cpp's own rounding, through the gguf
 package). The C++ kernel multiplies float32 activations by the blocks with dequantization fused
 (engine/block_kernels.py): a single sequence streams ~5-bit weights instead of float32 ones, and a batch or a
