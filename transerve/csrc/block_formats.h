@@ -22,7 +22,7 @@ enum class Layout { NIBBLES = 4, BYTES = 8 };
 constexpr int64_t block_bytes(Layout l) { return l == Layout::NIBBLES ? 20 : 34; }
 constexpr int64_t scale_count(Layout l) { return l == Layout::NIBBLES ? 2 : 1; }  // float16 scales a block
 constexpr int64_t chunk_count(Layout l) { return block_bytes(l) - 2 * scale_count(l); }  // value bytes a block
-constexpr int64_t MAX_GROUPS = 1024;  // blocks a weight row (32768 inputs)
+constexpr int64_t GROUP_TILES = 4;  // tiles whose passes run together, so their weights stay in cache between row passes
 
 // Where tile t starts (the tiles before it are full).
 constexpr int64_t tile_offset(Layout l, int64_t t, int64_t groups) { return t * TILE * groups * block_bytes(l); }

@@ -47,8 +47,8 @@ struct Vec {
 
 Layout layout_of(const at::Tensor& weight) {
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 3 && weight.is_contiguous() &&
-                  (weight.size(2) == 20 || weight.size(2) == 34) && weight.size(1) <= MAX_GROUPS,
-              "weight: contiguous uint8 [out, in/32 (at most 1024), 20 (4-bit) or 34 (8-bit)]");
+                  (weight.size(2) == 20 || weight.size(2) == 34),
+              "weight: contiguous uint8 [out, in/32, 20 (4-bit) or 34 (8-bit)]");
   return weight.size(2) == 20 ? Layout::NIBBLES : Layout::BYTES;
 }
 
@@ -67,7 +67,7 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& weight) {
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              !(std::getenv("TRANSERVE_CPU_ISA") && std::string(std::getenv("TRANSERVE_CPU_ISA")) == "avx2");
   // Tiles split across threads; a grain of GROUP_TILES (64 outputs) keeps a small linear on one thread.
-  at::parallel_for(0, (n_out + TILE - 1) / TILE, avx2::GROUP_TILES, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, (n_out + TILE - 1) / TILE, GROUP_TILES, [&](int64_t t0, int64_t t1) {
     if (avx512)
       linear_tiles_avx512(l, xp, rows, k, wp, n_out, t0, t1, yp);
     else

@@ -8,7 +8,6 @@
 // at a time. Each output's sum runs over its inputs in the same order in every pass, so a row's result never
 // depends on how many rows or tiles share its pass.
 
-constexpr int64_t GROUP_TILES = 4;  // tiles whose passes run together, so their weights stay in cache between row passes
 constexpr int64_t PREFETCH_GROUPS = 4;  // block groups ahead the weights are fetched
 
 template <Layout L, int TILES, int ROWS>
@@ -84,11 +83,11 @@ void row_passes(const float* x, int64_t rows, int64_t k, const uint8_t* tiles, i
     const int64_t left = rows - r;
     const float* xr = x + r * k;
     float* yr = y + r * n_out;
-    if (Vec::MAX_ROWS >= 16 && left >= 16) {
-      tiles_of_rows<L, (Vec::MAX_ROWS >= 16 ? 16 : 1)>(xr, k, tiles, n, yr, n_out), r += 16;
-    } else if (Vec::MAX_ROWS >= 8 && left >= 8) {
-      tiles_of_rows<L, (Vec::MAX_ROWS >= 8 ? 8 : 1)>(xr, k, tiles, n, yr, n_out), r += 8;
-    } else if (left >= 4) {
+    if constexpr (Vec::MAX_ROWS >= 16)
+      if (left >= 16) { tiles_of_rows<L, 16>(xr, k, tiles, n, yr, n_out), r += 16; continue; }
+    if constexpr (Vec::MAX_ROWS >= 8)
+      if (left >= 8) { tiles_of_rows<L, 8>(xr, k, tiles, n, yr, n_out), r += 8; continue; }
+    if (left >= 4) {
       tiles_of_rows<L, 4>(xr, k, tiles, n, yr, n_out), r += 4;
     } else if (left >= 2) {
       tiles_of_rows<L, 2>(xr, k, tiles, n, yr, n_out), r += 2;

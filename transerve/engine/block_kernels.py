@@ -25,7 +25,6 @@ BLOCK = 32
 FILE_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # as stored in a GGUF
 NIBBLES, BYTES = 20, 34  # block sizes as the kernels take them (Q4_0's are 20: its m is stored too)
 TILE = 16  # output rows a tile, as csrc/block_formats.h's TILE
-MAX_GROUPS = 1024  # blocks a weight row, as csrc/block_formats.h's MAX_GROUPS
 _SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / name for name in ("block_linear.cpp", "block_linear_avx512.cpp")]
 _loaded: bool | None = None
 
@@ -97,7 +96,6 @@ def _tiles(out: int) -> list[tuple[int, int, int]]:
 
 def _check(weight: torch.Tensor) -> None:
     assert weight.dtype == torch.uint8 and weight.dim() == 3 and weight.shape[2] in (NIBBLES, BYTES), weight.shape
-    assert weight.shape[1] <= MAX_GROUPS, f"rows of at most {MAX_GROUPS * BLOCK} inputs, not {weight.shape[1] * BLOCK}"
 
 
 def block_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
